@@ -1,0 +1,157 @@
+"""Offline calibration: activations on harmful vs harmless prompts -> artifact components.
+
+``refusal_direction`` (used by ProCon, the drift monitor and others):
+
+* r[l, p] = mean_harmful h[l, p] - mean_harmless h[l, p], for every decoder layer l and every
+  post-instruction position p (the chat-template tokens after the user's text), from the *train* split;
+  stored unit-norm, with the raw norm.
+* Selection rule (measured, not guessed): on the *held-out* split, separation[l, p] =
+  (mean proj_harmful - mean proj_harmless) / pooled std of the projections. Candidate layers exclude
+  layer 0 and the last 20% of layers (Arditi et al. discard late layers). The position is the one with the
+  highest separation; the constrained layers are the candidates whose separation at that position is
+  at least ``select_frac`` (default 0.5) of the best one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .artifacts import Artifact, sha256_text
+from .data import PromptSet
+from .modeling import capture_layers, find_decoder_layers, pad_right, post_instruction_ids, run_until, tokenize_prompts
+
+logger = logging.getLogger("safeguard_plugin")
+
+
+@dataclass
+class CalibrationContext:
+    model: torch.nn.Module
+    tokenizer: object
+    harmful: PromptSet
+    harmless: PromptSet
+    batch_size: int = 16
+    progress: bool = True
+    select_frac: float = 0.5
+    late_layer_cut: float = 0.2
+    cache: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def post_instruction_activations(ctx: CalibrationContext, prompts: list[str], desc: str) -> torch.Tensor:
+    """Decoder-layer outputs at the post-instruction positions: ``(N, L, P, d)`` float32."""
+    model, tok = ctx.model, ctx.tokenizer
+    suffix = post_instruction_ids(tok)
+    P = len(suffix)
+    L = len(find_decoder_layers(model))
+    seqs = tokenize_prompts(tok, prompts)
+    for s in seqs:
+        if s[-P:] != suffix:
+            raise ValueError("a rendered prompt does not end with the post-instruction tokens; chat template issue")
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        rng = range(0, len(seqs), ctx.batch_size)
+        for s in tqdm(rng, desc=desc, unit="batch", disable=not ctx.progress):
+            chunk = seqs[s: s + ctx.batch_size]
+            ids, mask = pad_right(chunk, tok.pad_token_id or 0)
+            with capture_layers(model, list(range(L))) as store:
+                run_until(model, input_ids=ids.to(device), attention_mask=mask.to(device))
+            pos = (mask.sum(1) - P).unsqueeze(1) + torch.arange(P)
+            per_layer = []
+            for layer in range(L):
+                a = store[layer]
+                idx = pos.to(a.device).unsqueeze(-1).expand(-1, -1, a.shape[-1])
+                per_layer.append(a.gather(1, idx).float().cpu())
+            out.append(torch.stack(per_layer, 1))
+    finally:
+        model.train(was_training)
+    return torch.cat(out, 0)
+
+
+def refusal_direction(ctx: CalibrationContext, artifact: Artifact) -> None:
+    """Add the ``refusal_direction`` component (idempotent)."""
+    if artifact.has("refusal_direction"):
+        return
+    harm_tr = post_instruction_activations(ctx, ctx.harmful.train, "calibrate: harmful (train)")
+    safe_tr = post_instruction_activations(ctx, ctx.harmless.train, "calibrate: harmless (train)")
+    harm_ho = post_instruction_activations(ctx, ctx.harmful.heldout, "calibrate: harmful (held-out)")
+    safe_ho = post_instruction_activations(ctx, ctx.harmless.heldout, "calibrate: harmless (held-out)")
+    raw = harm_tr.mean(0) - safe_tr.mean(0)  # (L, P, d)
+    norms = raw.norm(dim=-1)
+    r = raw / norms.clamp(min=1e-8).unsqueeze(-1)
+
+    def proj(x):  # (N, L, P)
+        return torch.einsum("nlpd,lpd->nlp", x, r)
+
+    ph, ps = proj(harm_ho), proj(safe_ho)
+    pooled = ((ph.var(0) + ps.var(0)) / 2).sqrt().clamp(min=1e-6)
+    separation = (ph.mean(0) - ps.mean(0)) / pooled  # (L, P)
+    # projection scale for penalties: pooled std over all calibration prompts (train split)
+    pt = torch.cat([proj(harm_tr), proj(safe_tr)], 0)
+    std = pt.std(0).clamp(min=1e-6)
+    L, P = separation.shape
+    hi = max(2, int(L * (1 - ctx.late_layer_cut)))
+    lo = 1 if L > 2 else 0
+    cand = list(range(lo, hi))
+    best_p = int(separation[cand].max(0).values.argmax())
+    best = float(separation[cand, best_p].max())
+    selected = [layer for layer in cand if float(separation[layer, best_p]) >= ctx.select_frac * best]
+    suffix = post_instruction_ids(ctx.tokenizer)
+    artifact.manifest["tokenizer"]["post_instruction_ids"] = suffix
+    artifact.manifest["tokenizer"]["post_instruction_text"] = ctx.tokenizer.decode(suffix)
+    artifact.add_component(
+        "refusal_direction",
+        {
+            "direction": r,
+            "norm": norms,
+            "std": std,
+            "separation": separation,
+            "mean_harmful": proj(harm_tr).mean(0),
+            "mean_harmless": proj(safe_tr).mean(0),
+        },
+        {
+            "num_layers": L,
+            "num_positions": P,
+            "hidden_size": int(r.shape[-1]),
+            "offsets": list(range(-P, 0)),
+            "selected_position": best_p,
+            "selected_layers": selected,
+            "selection_rule": f"layers {lo}..{hi - 1}, position argmax held-out separation, "
+                              f"separation >= {ctx.select_frac} x best ({best:.2f})",
+            "separation_at_selected_position": [round(float(x), 3) for x in separation[:, best_p]],
+        },
+    )
+    logger.info("refusal direction: best held-out separation %.2f at position %d; layers %s", best, best_p, selected)
+
+
+def calibrate(model, tokenizer, harmful: PromptSet, harmless: PromptSet, out_dir: str | Path, model_id: str,
+              constraints: list[str] | None = None, batch_size: int = 16, progress: bool = True) -> Artifact:
+    """Run every requested constraint's calibration and write the artifact atomically."""
+    from .registry import available_constraints
+
+    registry = available_constraints()
+    names = constraints or list(registry)
+    for n in names:
+        if n not in registry:
+            raise KeyError(f"unknown constraint '{n}'; registered: {', '.join(registry)}")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    artifact = Artifact.new(model, tokenizer, model_id)
+    artifact.manifest["data"] = {
+        "harmful": {"source": harmful.source, "sha256": sha256_text(harmful.train + harmful.heldout),
+                    "n_train": len(harmful.train), "n_heldout": len(harmful.heldout)},
+        "harmless": {"source": harmless.source, "sha256": sha256_text(harmless.train + harmless.heldout),
+                     "n_train": len(harmless.train), "n_heldout": len(harmless.heldout)},
+    }
+    ctx = CalibrationContext(model, tokenizer, harmful, harmless, batch_size=batch_size, progress=progress)
+    for n in names:
+        registry[n].calibrate(ctx, artifact)
+    artifact.save(out_dir)
+    return artifact

@@ -1,0 +1,382 @@
+"""The engine: one per training run. Builds constraints from the config, hooks the model once, turns
+penalties into gradients, runs after-step edits, guards against NaN, and reports metrics.
+
+Loss routes (both tested to give the same weights):
+
+* ``inject`` (callbacks, plugins): at the last hooked decoder layer the summed penalty ``P`` is attached to
+  that layer's output through an identity autograd function whose backward also sends ``scale`` to ``P``.
+  The gradient is then that of ``loss + P/GA``, whatever the trainer does with the loss (TRL 1.16 builds its
+  loss from fused log-probs, not ``outputs.loss``).
+* ``collect`` (trainer mixin): the penalty tensor is kept and the trainer adds it to the loss it returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifacts import Artifact
+from .config import SafeguardConfig, load_config
+from .constraints.base import BatchView, Constraint, TrainContext
+from .modeling import (
+    capture_layers,
+    find_decoder_layers,
+    find_suffix_positions,
+    is_peft_model,
+    pad_right,
+    reference_mode,
+    run_until,
+    unwrap_model,
+)
+from .registry import get_constraint
+
+logger = logging.getLogger("safeguard_plugin")
+
+
+class SafeguardRuntimeError(RuntimeError):
+    """The constraints cannot act on this run; the message names the fix."""
+
+
+class _InjectPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, penalty, scale, engine):
+        ctx.scale, ctx.engine, ctx.pdtype = scale, engine, penalty.dtype
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        ctx.engine._backward_seen += 1
+        return grad_h, torch.full((), ctx.scale, dtype=ctx.pdtype, device=grad_h.device), None, None
+
+
+def _prefix_key(row: torch.Tensor) -> bytes:
+    return hashlib.blake2b(row.to("cpu", torch.int64).numpy().tobytes(), digest_size=16).digest()
+
+
+class SafeguardEngine:
+    """Framework-free runtime for a set of constraints.
+
+    Typical use (the integrations do this for you)::
+
+        engine = SafeguardEngine("safeguard.yaml")
+        engine.setup(model, tokenizer)            # load + check artifact, build constraints, hook layers
+        engine.precompute_references(batches)     # cached original-model values (no second model copy)
+        ... training: forward passes get the penalty; after each optimizer step: engine.after_step()
+        engine.metrics()                          # {'safeguard/procon_loss': ..., ...}
+    """
+
+    def __init__(self, config: str | dict | SafeguardConfig, artifact: Artifact | None = None, mode: str = "inject"):
+        self.config = load_config(config)
+        self.artifact = artifact
+        if mode not in ("inject", "collect"):
+            raise ValueError("mode must be 'inject' or 'collect'")
+        self.mode = mode
+        self.constraints: list[Constraint] = []
+        self.model: nn.Module | None = None
+        self.grad_accum = 1
+        self.global_step = 0
+        self.max_steps = 0
+        self.optimizer_steps_seen = 0
+        self._handles: list[Any] = []
+        self._layers: list[int] = []
+        self._suffix: list[int] = []
+        self._ids: torch.Tensor | None = None
+        self._acts: dict[int, torch.Tensor] = {}
+        self._in_reference = False
+        self._pending: torch.Tensor | None = None
+        self._backward_seen = 0
+        self._cache: dict[str, dict[bytes, torch.Tensor]] = {}
+        # counters
+        self.n_forward = 0
+        self.n_rows = 0
+        self.n_rows_found = 0
+        self.n_rows_ref_missing = 0
+        self.nan_skipped = 0
+        self._pen_sum = 0.0
+        self._pen_n = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, model: nn.Module, tokenizer=None) -> SafeguardEngine:
+        """Load and check the artifact against ``model``, build the constraints, register the hooks."""
+        if self.model is not None:
+            if unwrap_model(model) is self.model:
+                return self
+            self.detach()
+        self.model = unwrap_model(model)
+        if self.artifact is None and self.config.artifact:
+            self.artifact = Artifact.load(self.config.artifact)
+        if self.artifact is not None:
+            for w in self.artifact.check_model(self.model, tokenizer, strict=self.config.strict_fingerprint):
+                warnings.warn(f"safeguard: {w}", stacklevel=2)
+            self._suffix = list(self.artifact.manifest["tokenizer"].get("post_instruction_ids", []))
+        self.constraints = [get_constraint(name)(cfg, self.artifact) for name, cfg in self.config.constraint_configs().items()]
+        for c in self.constraints:
+            c.validate_model(self.model)
+        self._layers = sorted({layer for c in self.constraints for layer in c.layers()})
+        if self._layers and not self._suffix:
+            raise SafeguardRuntimeError("the artifact records no post-instruction tokens; re-run `safeguard calibrate`")
+        self._attach()
+        logger.info("safeguard: active constraints %s on layers %s", [c.name for c in self.constraints], self._layers)
+        return self
+
+    def banner(self) -> str:
+        parts = [f"{c.name}({', '.join(f'{k}={v}' for k, v in c.config.model_dump().items() if k != 'enabled')})"
+                 for c in self.constraints]
+        art = self.artifact.path if self.artifact is not None else "none"
+        return f"safeguard active: {'; '.join(parts)} | artifact {art} | layers {self._layers}"
+
+    def _attach(self) -> None:
+        if not self._layers:
+            return
+        blocks = find_decoder_layers(self.model)
+        emb = self.model.get_input_embeddings()
+        self._handles.append(emb.register_forward_pre_hook(self._on_embed))
+        last = self._layers[-1]
+        for idx in self._layers:
+            self._handles.append(blocks[idx].register_forward_hook(self._make_layer_hook(idx, idx == last)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.model = None
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def _active(self) -> bool:
+        return (not self._in_reference) and self.model is not None and self.model.training and torch.is_grad_enabled()
+
+    def _on_embed(self, _module, args):
+        if not self._active():
+            return
+        ids = args[0] if args else None
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int, torch.int32):
+            raise SafeguardRuntimeError(
+                "safeguard needs input_ids in the training forward (the model was called with inputs_embeds)"
+            )
+        self._ids = ids
+        self._acts = {}
+
+    def _make_layer_hook(self, idx: int, is_last: bool):
+        def hook(_mod, _inp, out):
+            if not self._active() or self._ids is None:
+                return None
+            h = out[0] if isinstance(out, tuple) else out
+            self._acts[idx] = h
+            if not is_last:
+                return None
+            h_new = self._penalty_at_last_layer(h)
+            if h_new is h:
+                return None
+            return (h_new, *out[1:]) if isinstance(out, tuple) else h_new
+
+        return hook
+
+    def _gather(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = find_suffix_positions(ids, self._suffix)
+        valid = starts >= 0
+        P = len(self._suffix)
+        pos = starts.clamp(min=0).unsqueeze(1) + torch.arange(P, device=ids.device)
+        return pos, valid
+
+    def _penalty_at_last_layer(self, h: torch.Tensor) -> torch.Tensor:
+        ids, self._ids = self._ids, None
+        acts_full, self._acts = self._acts, {}
+        self.n_forward += 1
+        pos, valid = self._gather(ids)
+        self.n_rows += int(ids.shape[0])
+        n_valid = int(valid.sum())
+        self.n_rows_found += n_valid
+        if n_valid == 0:
+            return h
+        acts = {}
+        for layer, a in acts_full.items():
+            idx = pos.to(a.device).unsqueeze(-1).expand(-1, -1, a.shape[-1])
+            acts[layer] = a.gather(1, idx)
+        batch = BatchView(input_ids=ids, acts=acts, valid=valid.to(h.device), global_step=self.global_step,
+                          max_steps=self.max_steps)
+        if any(c.uses_reference for c in self.constraints):
+            self._attach_reference(batch, ids, pos, valid)
+        total = None
+        for c in self.constraints:
+            p = c.penalty(batch)
+            if p is not None:
+                total = p if total is None else total + p
+        if total is None:
+            return h
+        total = total.float()
+        value = float(total.detach())
+        if not math.isfinite(value):
+            self.nan_skipped += 1
+            if self.config.nan_policy == "raise":
+                raise SafeguardRuntimeError(f"safeguard penalty is {value} at step {self.global_step}")
+            warnings.warn(f"safeguard: non-finite penalty ({value}) at step {self.global_step}; skipped this "
+                          f"micro-batch's penalty (count {self.nan_skipped})", stacklevel=2)
+            return h
+        self._pen_sum += value
+        self._pen_n += 1
+        if self.mode == "collect":
+            self._pending = total if self._pending is None else self._pending + total
+            return h
+        return _InjectPenalty.apply(h, total, 1.0 / self.grad_accum, self)
+
+    def pop_pending_penalty(self) -> torch.Tensor | None:
+        """``collect`` mode: the summed penalty of the forward passes since the last call."""
+        p, self._pending = self._pending, None
+        return p
+
+    # -------------------------------------------------------------------------------------- references
+    def _keys(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> list[bytes | None]:
+        ends = (pos[:, -1] + 1).tolist()
+        ids_cpu = ids.detach().cpu()
+        return [(_prefix_key(ids_cpu[i, : ends[i]]) if v else None) for i, v in enumerate(valid.tolist())]
+
+    def _attach_reference(self, batch: BatchView, ids, pos, valid) -> None:
+        keys = self._keys(ids, pos, valid)
+        missing = [i for i, k in enumerate(keys) if k is not None and any(k not in self._cache.get(c.name, {})
+                                                                           for c in self.constraints if c.uses_reference)]
+        if missing and (is_peft_model(self.model) or self.optimizer_steps_seen == 0):
+            # the original weights are still reachable (adapter disabled, or no update yet): fill lazily
+            ends = (pos[:, -1] + 1).tolist()
+            self._compute_references([ids[i, : ends[i]].tolist() for i in missing])
+            missing = []
+        ref_valid = valid.clone()
+        for i in missing:
+            ref_valid[i] = False
+        self.n_rows_ref_missing += len(missing)
+        for c in self.constraints:
+            if not c.uses_reference:
+                continue
+            cache = self._cache.get(c.name, {})
+            rows = [cache.get(k) if (k is not None and ref_valid[i]) else None for i, k in enumerate(keys)]
+            template = next((r for r in rows if r is not None), None)
+            if template is None:
+                ref_valid[:] = False
+                batch.reference[c.name] = torch.zeros(0)
+                continue
+            stacked = torch.stack([r if r is not None else torch.zeros_like(template) for r in rows])
+            batch.reference[c.name] = stacked.to(batch.valid.device)
+        batch.ref_valid = ref_valid.to(batch.valid.device)
+
+    @torch.no_grad()
+    def _compute_references(self, prefixes: list[list[int]], batch_size: int = 16, progress: bool = False) -> None:
+        """Original-model values for each prompt prefix (which ends with the post-instruction tokens)."""
+        users = [c for c in self.constraints if c.uses_reference]
+        if not users or not prefixes:
+            return
+        P = len(self._suffix)
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
+        it: Iterable = range(0, len(order), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="safeguard: reference values", unit="batch")
+        self._in_reference = True
+        try:
+            with reference_mode(self.model):
+                for s in it:
+                    chunk = [prefixes[i] for i in order[s: s + batch_size]]
+                    ids, mask = pad_right(chunk, 0)
+                    lengths = mask.sum(1)
+                    with capture_layers(self.model, self._layers) as store:
+                        run_until(self.model, input_ids=ids.to(device), attention_mask=mask.to(device))
+                    pos = (lengths - P).unsqueeze(1) + torch.arange(P)
+                    acts = {}
+                    for layer, a in store.items():
+                        idx = pos.to(a.device).unsqueeze(-1).expand(-1, -1, a.shape[-1])
+                        acts[layer] = a.gather(1, idx).float()
+                    keys = [_prefix_key(torch.tensor(p)) for p in chunk]
+                    for c in users:
+                        vals = c.reference_values(acts).detach().cpu()
+                        cache = self._cache.setdefault(c.name, {})
+                        for k, v in zip(keys, vals):
+                            cache[k] = v
+        finally:
+            self._in_reference = False
+
+    def precompute_references(self, batches: Iterable[dict[str, Any]], batch_size: int = 16, progress: bool = True) -> int:
+        """Cache original-model values for every example in ``batches`` (dicts with ``input_ids``).
+
+        Only the prompt prefix up to the post-instruction tokens is run, and only through the last
+        constrained layer, so this costs a fraction of one forward epoch. Returns the number of new prompts.
+        """
+        if not any(c.uses_reference for c in self.constraints):
+            return 0
+        seen: dict[bytes, list[int]] = {}
+        for b in batches:
+            ids = b["input_ids"]
+            ids = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
+            if ids.ndim == 1:
+                ids = ids.unsqueeze(0)
+            pos, valid = self._gather(ids)
+            ends = (pos[:, -1] + 1).tolist()
+            for i, v in enumerate(valid.tolist()):
+                if v:
+                    row = ids[i, : ends[i]]
+                    k = _prefix_key(row)
+                    if all(k not in self._cache.get(c.name, {}) for c in self.constraints if c.uses_reference):
+                        seen.setdefault(k, row.tolist())
+        self._compute_references(list(seen.values()), batch_size=batch_size, progress=progress)
+        return len(seen)
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+    def begin_training(self, max_steps: int, grad_accum: int, global_step: int = 0) -> None:
+        self.max_steps, self.grad_accum, self.global_step = int(max_steps), max(1, int(grad_accum)), int(global_step)
+        ctx = self.context()
+        for c in self.constraints:
+            c.prepare(ctx)
+
+    def context(self) -> TrainContext:
+        return TrainContext(model=self.model, engine=self, max_steps=self.max_steps, global_step=self.global_step)
+
+    def after_step(self, global_step: int) -> None:
+        """Call after each optimizer step (``on_step_end``): runs edits and the first-steps sanity checks."""
+        self.global_step = int(global_step)
+        self.optimizer_steps_seen += 1
+        ctx = self.context()
+        for c in self.constraints:
+            c.after_step(ctx)
+        self._sanity_check()
+
+    def _sanity_check(self) -> None:
+        if not self._layers or self.optimizer_steps_seen > self.config.check_first_steps:
+            return
+        if self.optimizer_steps_seen == 1 and self.n_forward == 0:
+            raise SafeguardRuntimeError(
+                "safeguard's hooks did not run during the first training step, so the constraints would not change "
+                "training. The trainer must call the same model object safeguard was attached to (attach after "
+                "PEFT wrapping / model surgery), with input_ids."
+            )
+        if self.optimizer_steps_seen == 1 and self.mode == "inject" and self._pen_n and self._backward_seen == 0:
+            raise SafeguardRuntimeError(
+                "safeguard's penalty was computed but no gradient flowed through it in step 1: the trainer's loss "
+                "does not depend on the hooked layers' outputs. Use SafeguardTrainerMixin / SafeguardSFTTrainer."
+            )
+        if self.optimizer_steps_seen == self.config.check_first_steps and self.n_rows_found == 0:
+            raise SafeguardRuntimeError(
+                f"safeguard found the post-instruction tokens {self._suffix} in none of the {self.n_rows} training "
+                f"examples of the first {self.optimizer_steps_seen} steps, so no constraint applied. Format the data "
+                "with the same chat template the artifact was calibrated with (conversational 'messages' or "
+                "'prompt'/'completion' data in TRL), or re-calibrate with this tokenizer."
+            )
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for c in self.constraints:
+            out.update({f"safeguard/{k}": float(v) for k, v in c.metrics().items()})
+        if self._pen_n:
+            out["safeguard/penalty"] = self._pen_sum / self._pen_n
+        out["safeguard/nan_skipped"] = float(self.nan_skipped)
+        if self.n_rows:
+            out["safeguard/position_coverage"] = self.n_rows_found / self.n_rows
+        if self.n_rows_ref_missing:
+            out["safeguard/reference_missing"] = float(self.n_rows_ref_missing)
+        self._pen_sum, self._pen_n = 0.0, 0
+        return out

@@ -1,0 +1,170 @@
+"""Model-side helpers shared by calibration, training and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early (only the first layers are needed)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DeepSpeed/compile wrappers (not PEFT: its adapters are part of the model we train)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            model = inner
+        else:
+            return model
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks (``model.layers`` in Llama/Qwen2/Mistral/Gemma, ``transformer.h`` in GPT-2)."""
+    model = unwrap_model(model)
+    cfg = getattr(model, "config", None)
+    n = getattr(getattr(cfg, "get_text_config", lambda: cfg)(), "num_hidden_layers", None) if cfg is not None else None
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name.split(".")[-1] in ("layers", "h", "blocks"):
+            if n is None or len(mod) == n:
+                if best is None or len(name) < len(best[0]):
+                    best = (name, mod)
+    if best is None:
+        raise ValueError(
+            f"could not find the decoder layers of {type(model).__name__} (looked for a ModuleList named "
+            "'layers', 'h' or 'blocks' with config.num_hidden_layers entries)"
+        )
+    return best[1]
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(unwrap_model(model), "disable_adapter") and hasattr(unwrap_model(model), "peft_config")
+
+
+@contextlib.contextmanager
+def reference_mode(model: nn.Module) -> Iterator[None]:
+    """Run the original (pre-fine-tuning) weights: PEFT adapters disabled; eval mode; no grad."""
+    base = unwrap_model(model)
+    was_training = base.training
+    ctx = base.disable_adapter() if is_peft_model(base) else contextlib.nullcontext()
+    base.eval()
+    try:
+        with ctx, torch.no_grad():
+            yield
+    finally:
+        base.train(was_training)
+
+
+@contextlib.contextmanager
+def capture_layers(model: nn.Module, layers: Sequence[int], stop_after_last: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture decoder-layer outputs ``{layer: (B, T, d)}``; optionally stop the forward after the last one."""
+    blocks = find_decoder_layers(model)
+    store: dict[int, torch.Tensor] = {}
+    last = max(layers)
+    handles = []
+
+    def make(idx: int):
+        def hook(_mod, _inp, out):
+            store[idx] = out[0] if isinstance(out, tuple) else out
+            if stop_after_last and idx == last:
+                raise StopForward
+
+        return hook
+
+    for i in sorted(set(layers)):
+        handles.append(blocks[i].register_forward_hook(make(i)))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until(model: nn.Module, **inputs) -> None:
+    """Forward that tolerates :class:`StopForward` (used with ``capture_layers``)."""
+    try:
+        model(**inputs, use_cache=False)
+    except StopForward:
+        pass
+
+
+# ------------------------------------------------------------------------------------------ chat formatting
+def render_prompt(tokenizer, prompt: str) -> str:
+    """A user prompt in the model's chat format, ending with the generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return f"User: {prompt}\nAssistant:"
+
+
+def post_instruction_ids(tokenizer) -> list[int]:
+    """Token ids the chat template puts after the user's text (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``).
+
+    These are the "post-instruction" positions where the refusal direction lives. Found by rendering a
+    marker prompt and tokenizing the text after it; checked to be a suffix of the full tokenization.
+    """
+    marker = "XQZV marker text"
+    text = render_prompt(tokenizer, marker)
+    tail = text[text.rindex(marker) + len(marker):]
+    full = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for cut in range(len(tail)):  # tokenization may merge the first chars of the tail with the marker
+        ids = tokenizer(tail[cut:], add_special_tokens=False)["input_ids"]
+        if ids and full[-len(ids):] == ids:
+            return ids
+    raise ValueError("could not locate the post-instruction tokens of this chat template")
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def find_suffix_positions(ids: torch.Tensor, suffix: Sequence[int]) -> torch.Tensor:
+    """Index of the first occurrence's *first* token of ``suffix`` in each row of ``ids`` (-1 if absent)."""
+    k = len(suffix)
+    if ids.shape[1] < k:
+        return torch.full((ids.shape[0],), -1, dtype=torch.long, device=ids.device)
+    windows = ids.unfold(1, k, 1)  # (B, T-k+1, k)
+    hit = (windows == torch.as_tensor(list(suffix), device=ids.device)).all(-1)
+    first = hit.float().argmax(1)
+    return torch.where(hit.any(1), first, torch.full_like(first, -1))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_model_and_tokenizer(model_id: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
+                             adapter: str | None = None):
+    """Load a causal LM by hub id, local folder, or folder + GGUF file name (dequantized to ``dtype``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file and Path(gguf_file).is_absolute():
+        model_id, kwargs["gguf_file"] = str(Path(gguf_file).parent), Path(gguf_file).name
+    if not gguf_file and str(model_id).endswith(".gguf") and os.path.isfile(model_id):
+        model_id, kwargs["gguf_file"] = str(Path(model_id).parent), Path(model_id).name
+    tok = AutoTokenizer.from_pretrained(model_id, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model, tok
