@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import SafeguardConfig
 from ..engine import SafeguardEngine, SafeguardRuntimeError
@@ -103,6 +105,17 @@ class SafeguardCallback(TrainerCallback):
         if self.engine.model is None or current is not self.engine.model:
             self._bind(self.trainer, current, processing_class)
         self.engine.begin_training(state.max_steps, args.gradient_accumulation_steps, state.global_step)
+        if state.global_step > 0:  # resuming: the weights are no longer the original ones
+            ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if self.engine.load_state(ckpt):
+                logger.info("safeguard: restored reference cache from %s", ckpt)
+            elif any(c.uses_reference for c in self.engine.constraints) and not is_peft_model(self.engine.model):
+                raise SafeguardRuntimeError(
+                    f"resuming full fine-tuning at step {state.global_step}, but {ckpt} holds no "
+                    f"{self.engine.STATE_FILE}: the original model's reference values cannot be recomputed from "
+                    "fine-tuned weights. Resume from a checkpoint written with SafeguardCallback active."
+                )
+            return
         if not self.precompute_references or not any(c.uses_reference for c in self.engine.constraints):
             return
         ds = getattr(train_dataloader, "dataset", None)
@@ -127,6 +140,10 @@ class SafeguardCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.engine.after_step(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.engine.save_state(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._log_wrapped and logs is not None and "loss" in logs:

@@ -326,6 +326,47 @@ class SafeguardEngine:
         self._compute_references(list(seen.values()), batch_size=batch_size, progress=progress)
         return len(seen)
 
+    # ------------------------------------------------------------------------------------ checkpoint state
+    STATE_FILE = "safeguard_state.safetensors"
+
+    def save_state(self, folder: str) -> None:
+        """Write the reference cache and counters next to a Trainer checkpoint (atomically)."""
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {"nan_skipped": self.nan_skipped, "optimizer_steps_seen": self.optimizer_steps_seen}
+        for name, cache in self._cache.items():
+            if cache:
+                keys = list(cache)
+                tensors[f"ref.{name}"] = torch.stack([cache[k] for k in keys]).contiguous()
+                meta[f"keys.{name}"] = [k.hex() for k in keys]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, self.STATE_FILE)
+        tmp = path + ".tmp"
+        save_file(tensors, tmp, metadata={"safeguard": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    def load_state(self, folder: str) -> bool:
+        import json
+        import os
+
+        from safetensors import safe_open
+
+        path = os.path.join(folder, self.STATE_FILE)
+        if not os.path.isfile(path):
+            return False
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["safeguard"])
+            for t in f.keys():
+                name = t[len("ref."):]
+                vals = f.get_tensor(t)
+                self._cache[name] = {bytes.fromhex(k): v for k, v in zip(meta[f"keys.{name}"], vals)}
+        self.nan_skipped = int(meta.get("nan_skipped", 0))
+        self.optimizer_steps_seen = int(meta.get("optimizer_steps_seen", 0))
+        return True
+
     # ---------------------------------------------------------------------------------------- lifecycle
     def begin_training(self, max_steps: int, grad_accum: int, global_step: int = 0) -> None:
         self.max_steps, self.grad_accum, self.global_step = int(max_steps), max(1, int(grad_accum)), int(global_step)

@@ -1,0 +1,38 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from safeguard_plugin.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory, tok):
+    """A refusal-direction artifact for ``tiny_model()`` (seed 0)."""
+    from safeguard_plugin.calibration import calibrate
+    from safeguard_plugin.data import load_prompts
+    from safeguard_plugin.testing import tiny_model
+
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    calibrate(tiny_model(), tok, load_prompts("harmful", limit=64), load_prompts("harmless", limit=64), out,
+              model_id="tiny", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_rows():
+    return [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+             "completion": [{"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(8) for b in range(4)]
