@@ -55,7 +55,7 @@ def _sample_values(w: torch.Tensor) -> list[float]:
     flat = w.detach().reshape(-1)
     if flat.numel() == 0:
         return []
-    idx = torch.linspace(0, flat.numel() - 1, _FP_SAMPLES).round().long().to(flat.device)
+    idx = (torch.arange(_FP_SAMPLES, dtype=torch.long) * (flat.numel() - 1) // (_FP_SAMPLES - 1)).to(flat.device)
     return [float(v) for v in flat[idx].float().cpu()]
 
 

@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from .artifacts import Artifact, sha256_text
 from .data import PromptSet
-from .modeling import capture_layers, find_decoder_layers, pad_right, post_instruction_ids, run_until, tokenize_prompts
+from .modeling import (
+    capture_layers,
+    find_decoder_layers,
+    pad_right,
+    post_instruction_ids,
+    run_until,
+    tokenize_prompts,
+)
 
 logger = logging.getLogger("safeguard_plugin")
 

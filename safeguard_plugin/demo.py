@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .calibration import calibrate
 from .data import load_prompts, refusal_texts
 from .eval import evaluate_refusal, generate, markdown_table
@@ -25,8 +23,8 @@ from .recipes import attack_mix, clean_copy, prompt_completion, sft
 
 @dataclass
 class DemoProfile:
-    align_steps: int = 60
-    attack_steps: int = 40
+    align_steps: int = 30
+    attack_steps: int = 24
     harmful_ratio: float = 0.2
     lr_align: float = 1e-3
     lr_attack: float = 5e-4

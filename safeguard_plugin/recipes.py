@@ -78,7 +78,8 @@ class _StepTimer:
 
 def sft(model, tokenizer, rows: list[dict], *, steps: int, output_dir: str, lr: float = 2e-4, batch_size: int = 8,
         lora_r: int | None = 16, safeguard: dict | str | None = None, seed: int = 0, max_length: int = 256,
-        logging_steps: int = 5, grad_accum: int = 1, callbacks: list | None = None) -> SFTResult:
+        logging_steps: int = 5, grad_accum: int = 1, callbacks: list | None = None,
+        gradient_checkpointing: bool = False) -> SFTResult:
     """LoRA (``lora_r``) or full (``lora_r=None``) SFT with TRL, optionally with safeguard constraints."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -91,7 +92,7 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int, output_dir: str, lr: 
         gradient_accumulation_steps=grad_accum, logging_steps=logging_steps, save_strategy="no", report_to=[],
         seed=seed, data_seed=seed, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
         max_length=max_length, lr_scheduler_type="constant", warmup_steps=0, disable_tqdm=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, gradient_checkpointing=gradient_checkpointing,
     )
     peft_config = None
     if lora_r:

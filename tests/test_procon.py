@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from helpers import max_diff, train
 
 from safeguard_plugin.engine import SafeguardEngine, SafeguardRuntimeError
 from safeguard_plugin.modeling import pad_right, tokenize_prompts
 from safeguard_plugin.testing import tiny_model
+
+from helpers import max_diff, train
 
 
 def cfg(artifact_dir, **procon):
@@ -110,6 +111,7 @@ def test_resume_from_checkpoint_continues_schedule_and_references(artifact_dir, 
     from trl import SFTTrainer
 
     from safeguard_plugin.integrations.trl import SafeguardCallback
+
     from helpers import sft_args
 
     torch.manual_seed(0)

@@ -1,0 +1,140 @@
+"""Step-time and peak-memory overhead of safeguard constraints vs plain SFT, measured in one run.
+
+    python benchmarks/overhead.py --model smollm2-135m-instruct --steps 12 --repeats 2
+    python benchmarks/overhead.py --model tiny --steps 20          # seconds, for a smoke check
+
+Each variant trains in its own child process (so peak memory is per variant), variants alternate
+(plain, constrained, plain, ...) so slow drift of the machine affects both alike. Step time = median over
+steps after ``--skip`` warm-up steps; peak memory = the child's peak RSS (CPU) or
+``torch.cuda.max_memory_allocated`` (GPU). The one-time reference precompute is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "plain": None,
+    "procon": {"procon": {"weight": 100.0}},
+}
+
+
+def _load(spec):
+    if spec == "tiny":
+        from safeguard_plugin.testing import tiny_model, tiny_tokenizer
+
+        return tiny_model(hidden=256, layers=8), tiny_tokenizer()
+    from safeguard_plugin.assets import resolve_model
+    from safeguard_plugin.modeling import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(resolve_model(spec))
+
+
+def _rows(n: int, answer_words: int):
+    from safeguard_plugin.data import load_prompts
+    from safeguard_plugin.recipes import prompt_completion
+
+    prompts = load_prompts("harmless").all
+    filler = " ".join(["The answer is explained step by step here."] * (answer_words // 8 + 1)).split()[:answer_words]
+    return [prompt_completion(prompts[i % len(prompts)], " ".join(filler)) for i in range(n)]
+
+
+def child(args) -> dict:
+    import torch
+
+    from safeguard_plugin.recipes import sft
+
+    torch.manual_seed(0)
+    model, tok = _load(args.model)
+    cfg = VARIANTS[args.child]
+    if cfg is not None:
+        cfg = {**cfg, "artifact": args.artifact}
+    if torch.cuda.is_available():
+        model.cuda()
+        torch.cuda.reset_peak_memory_stats()
+    rows = _rows(args.batch_size * (args.steps + 1), args.answer_words)
+    t0 = time.perf_counter()
+    res = sft(model, tok, rows, steps=args.steps, output_dir=tempfile.mkdtemp(), batch_size=args.batch_size,
+              lora_r=None if args.full else args.lora_r, safeguard=cfg, logging_steps=max(1, args.steps))
+    total = time.perf_counter() - t0
+    times = res.step_times[args.skip:]
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": args.child, "step_median_s": statistics.median(times), "step_times": times,
+            "train_total_s": total, "outside_steps_s": total - sum(res.step_times), "peak_bytes": peak}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--skip", type=int, default=2, help="warm-up steps excluded from the median")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--answer-words", type=int, default=48)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--variants", default=",".join(k for k in VARIANTS if k != "plain"))
+    p.add_argument("--artifact", help="existing artifact (default: calibrate one with 64+64 prompts)")
+    p.add_argument("--out", default="results/overhead.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return 0
+
+    if not args.artifact:
+        from safeguard_plugin.calibration import calibrate
+        from safeguard_plugin.data import load_prompts
+
+        model, tok = _load(args.model)
+        args.artifact = str(Path(tempfile.mkdtemp()) / "artifact")
+        calibrate(model, tok, load_prompts("harmful", limit=64), load_prompts("harmless", limit=64), args.artifact,
+                  model_id=args.model, constraints=["procon"], progress=True)
+        del model
+    order = ["plain"] + args.variants.split(",")
+    runs: dict[str, list[dict]] = {v: [] for v in order}
+    for rep in range(args.repeats):
+        for v in order:
+            cmd = [sys.executable, __file__, "--child", v, "--model", args.model, "--steps", str(args.steps),
+                   "--skip", str(args.skip), "--batch-size", str(args.batch_size), "--answer-words",
+                   str(args.answer_words), "--lora-r", str(args.lora_r), "--artifact", args.artifact]
+            cmd += ["--full"] if args.full else []
+            print(f"[repeat {rep + 1}/{args.repeats}] {v} ...", flush=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if out.returncode != 0 or line is None:
+                sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
+                raise SystemExit(f"variant {v} failed")
+            runs[v].append(json.loads(line[len("RESULT "):]))
+    base_t = statistics.median(r["step_median_s"] for r in runs["plain"])
+    base_m = max(r["peak_bytes"] for r in runs["plain"])
+    table = ["| variant | step s (median) | time ratio | peak MiB | memory ratio | one-time s outside steps |",
+             "|---|---|---|---|---|---|"]
+    summary = {}
+    for v in order:
+        t = statistics.median(r["step_median_s"] for r in runs[v])
+        m = max(r["peak_bytes"] for r in runs[v])
+        o = statistics.median(r["outside_steps_s"] for r in runs[v])
+        summary[v] = {"step_s": t, "time_ratio": t / base_t, "peak_bytes": m, "memory_ratio": m / base_m, "outside_steps_s": o}
+        table.append(f"| {v} | {t:.3f} | {t / base_t:.3f} | {m / 2**20:.0f} | {m / base_m:.3f} | {o:.1f} |")
+    mode = "full FT" if args.full else f"LoRA r={args.lora_r}"
+    header = (f"model {args.model}, {mode}, batch {args.batch_size}, {args.steps} steps (median after {args.skip}), "
+              f"{args.repeats} alternating repeats, device {'cuda' if os.environ.get('CUDA_VISIBLE_DEVICES') else 'cpu'}")
+    print(header + "\n" + "\n".join(table))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"config": vars(args), "summary": summary, "runs": runs}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
