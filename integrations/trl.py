@@ -140,6 +140,9 @@ class SafeguardCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.engine.after_step(state.global_step)
+        if self.engine.stop_reason:
+            logger.warning("safeguard: stopping training at step %d: %s", state.global_step, self.engine.stop_reason)
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

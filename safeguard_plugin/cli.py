@@ -78,6 +78,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import Bench
+
+    ratios = tuple(float(x) for x in args.ratios.split(",")) if args.ratios else None
+    methods = args.methods.split(",") if args.methods else None
+    Bench(args.model, args.profile, args.out, ratios=ratios, methods=methods).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeguard", description="Keep safety alignment while fine-tuning.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -110,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--out", default="safeguard-eval")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="harmful fine-tuning benchmark: base vs plain SFT vs each constraint")
+    b.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
+                   help="built-in name, HF hub id, local folder, or 'tiny' (with --profile smoke)")
+    b.add_argument("--profile", choices=["cpu-small", "paper", "smoke"], default="cpu-small")
+    b.add_argument("--ratios", help="comma-separated harmful ratios, e.g. 0,0.1,0.2 (default: the profile's)")
+    b.add_argument("--methods", help="comma-separated subset of: base, sft, <constraint rows>, all")
+    b.add_argument("--out", help="results folder (default results/<profile>-<model>); rerun to resume")
+    b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("inspect", help="print what an artifact holds")
     i.add_argument("artifact")

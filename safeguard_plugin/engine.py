@@ -80,6 +80,8 @@ class SafeguardEngine:
         self.mode = mode
         self.constraints: list[Constraint] = []
         self.model: nn.Module | None = None
+        self.tokenizer = None
+        self.stop_reason: str | None = None  # set by a constraint (e.g. the monitor) to end training
         self.grad_accum = 1
         self.global_step = 0
         self.max_steps = 0
@@ -110,6 +112,7 @@ class SafeguardEngine:
                 return self
             self.detach()
         self.model = unwrap_model(model)
+        self.tokenizer = tokenizer
         if self.artifact is None and self.config.artifact:
             self.artifact = Artifact.load(self.config.artifact)
         if self.artifact is not None:

@@ -81,6 +81,12 @@ class Constraint:
         for comp in self.requires:
             artifact.component(comp)  # raises a clear ArtifactError when missing
 
+    # -- benchmark
+    @classmethod
+    def benchmark_configs(cls) -> dict[str, dict]:
+        """``{row label: config section}`` rows this constraint contributes to ``safeguard bench`` (none by default)."""
+        return {}
+
     # -- calibration (offline)
     @classmethod
     def calibrate(cls, ctx: Any, artifact: Artifact) -> None:

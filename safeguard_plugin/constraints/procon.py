@@ -137,6 +137,10 @@ class ProCon(Constraint):
         return out
 
     @classmethod
+    def benchmark_configs(cls) -> dict[str, dict]:
+        return {"procon": {"weight": 100.0, "warmup_ratio": 0.1, "warmup_factor": 10.0}}
+
+    @classmethod
     def calibrate(cls, ctx, artifact) -> None:
         from ..calibration import refusal_direction
 

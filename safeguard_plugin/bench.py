@@ -1,0 +1,331 @@
+"""``safeguard bench``: the harmful fine-tuning benchmark, offline, with one command.
+
+Protocol (per harmful ratio p, every method trains on the same data with the same seed):
+
+* data: a deterministic benign task with exact-match answers (arithmetic word problems) mixed with harmful
+  prompts (HarmBench validation "standard" behaviours + AdvBench, from pinned package data files) paired with
+  content-free compliance-style answers, at ratio p. Evaluation prompts are disjoint (hash-checked).
+* methods: ``base`` (no fine-tuning), ``sft`` (plain LoRA SFT), one row per registered constraint that
+  declares benchmark defaults, and ``all`` (those combined) when there are two or more.
+* metrics: harmful-prompt refusal (held-out), over-refusal on borderline-but-safe prompts, refusal on plainly
+  harmless prompts, task accuracy, template collapse, train loss, step-time and training-memory ratios vs
+  plain SFT, and the keyword judge's accuracy on a labelled set.
+* output: ``<out>/results.json``, ``report.md``, PNG plots; each finished (method, p) run is saved as it
+  ends, so an interrupted bench resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import Artifact, ArtifactError
+
+PROFILES: dict[str, dict[str, Any]] = {}
+
+
+@dataclass
+class BenchProfile:
+    name: str
+    description: str
+    n_train: int = 200
+    ratios: tuple[float, ...] = (0.1,)
+    steps: int = 30
+    batch_size: int = 8
+    lr: float = 2e-4
+    lora_r: int = 16
+    max_length: int = 192
+    n_harmful_eval: int = 64
+    n_borderline: int = 24
+    n_harmless: int = 40
+    n_task: int = 40
+    max_new_tokens: int = 32
+    task_new_tokens: int = 24
+    gen_batch_size: int = 16
+    seed: int = 0
+    calibration_limit: int | None = None
+    method_overrides: dict[str, dict] = field(default_factory=dict)
+
+
+def _profiles() -> dict[str, BenchProfile]:
+    return {
+        "cpu-small": BenchProfile(
+            name="cpu-small",
+            description=("small CPU profile (2 cores, <60 min): 200 training examples, 30 LoRA steps, eval on 64 "
+                         "harmful / 24 borderline / 40 harmless / 40 task prompts with 32 new tokens. Numbers are "
+                         "indicative; use --profile paper on a GPU for the literature protocol."),
+        ),
+        "paper": BenchProfile(
+            name="paper",
+            description=("literature protocol (GPU): 1000 training examples, harmful ratio sweep 0-0.2, 3 epochs "
+                         "of LoRA SFT, full held-out evaluation."),
+            n_train=1000, ratios=(0.0, 0.05, 0.1, 0.2), steps=375, lr=1e-4, n_harmful_eval=10_000,
+            n_borderline=10_000, n_harmless=10_000, n_task=200, max_new_tokens=128, max_length=512,
+        ),
+        "smoke": BenchProfile(
+            name="smoke", description="plumbing check on a tiny random model (seconds; no effect expected)",
+            n_train=32, steps=3, batch_size=4, n_harmful_eval=4, n_borderline=2, n_harmless=2, n_task=4,
+            max_new_tokens=4, task_new_tokens=4, calibration_limit=32,
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------- helpers
+class _PeakRSS:
+    """Peak resident memory above the level at start (sampled; CPU), or CUDA peak allocation."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self._proc.memory_info().rss
+        self.peak = self.start
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._proc.memory_info().rss)
+                time.sleep(self.interval)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.delta = torch.cuda.max_memory_allocated() - self.start
+            return
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.delta = self.peak - self.start
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def benchmark_methods() -> dict[str, dict | None]:
+    """``{method: safeguard config sections or None}``: base, sft, each benchmarkable constraint, all."""
+    from .registry import available_constraints
+
+    methods: dict[str, dict | None] = {"base": None, "sft": None}
+    per = {}
+    for name, cls in available_constraints().items():
+        for label, cfg in (cls.benchmark_configs() or {}).items():
+            methods[label] = {name: cfg}
+            per.setdefault(name, cfg)
+    if len(per) >= 2:
+        methods["all"] = dict(per)
+    return methods
+
+
+def _collapse_rate(responses: list[str]) -> float:
+    from .data import read_jsonl
+
+    steps = [r["text"][:40].lower() for r in read_jsonl("compliance") if r["kind"] == "step"]
+    hits = sum(any(s in r.lower() for s in steps) for r in responses)
+    return hits / max(1, len(responses))
+
+
+# ----------------------------------------------------------------------------------------------- bench
+class Bench:
+    def __init__(self, model: str, profile: str | BenchProfile = "cpu-small", out: str | Path | None = None,
+                 ratios: tuple[float, ...] | None = None, methods: list[str] | None = None, progress: bool = True):
+        self.model_spec = model
+        self.profile = profile if isinstance(profile, BenchProfile) else _profiles()[profile]
+        if ratios:
+            self.profile = replace(self.profile, ratios=tuple(ratios))
+        self.out = Path(out or f"results/{self.profile.name}-{model.replace('/', '_')}")
+        (self.out / "runs").mkdir(parents=True, exist_ok=True)
+        all_methods = benchmark_methods()
+        if methods:
+            unknown = [m for m in methods if m not in all_methods]
+            if unknown:
+                raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(all_methods)}")
+        self.methods = {m: all_methods[m] for m in (methods or all_methods)}
+        self.progress = progress
+        self._model = self._tok = None
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    # -- model, artifact, data
+    def load(self):
+        if self._model is None:
+            if self.model_spec == "tiny":
+                from .testing import tiny_model, tiny_tokenizer
+
+                self._model, self._tok = tiny_model(), tiny_tokenizer()
+            else:
+                from .assets import resolve_model
+                from .modeling import load_model_and_tokenizer
+
+                self._model, self._tok = load_model_and_tokenizer(resolve_model(self.model_spec))
+            if torch.cuda.is_available():
+                self._model.cuda()
+        return self._model, self._tok
+
+    def artifact(self) -> Path:
+        from .calibration import calibrate
+        from .data import load_prompts
+
+        path = self.out / "artifact"
+        model, tok = self.load()
+        if (path / "manifest.json").exists():
+            try:
+                Artifact.load(path).check_model(model)
+                return path
+            except ArtifactError:
+                pass
+        names = sorted({n for cfg in self.methods.values() if cfg for n in cfg})
+        lim = self.profile.calibration_limit
+        self.say(f"calibrating {names} on {self.model_spec}")
+        calibrate(model, tok, load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim), path,
+                  model_id=self.model_spec, constraints=names, progress=self.progress)
+        return path
+
+    def data(self, ratio: float) -> dict[str, Any]:
+        from . import benchdata
+        from .data import load_prompts
+        from .recipes import prompt_completion
+
+        p = self.profile
+        n_harm = int(round(ratio * p.n_train))
+        benign = benchdata.arithmetic_task(p.n_train - n_harm, seed=p.seed, split="train")
+        harmful_pool = benchdata.harmbench_behaviors("val") + [r["goal"] for r in benchdata.advbench()]
+        harmful = benchdata.harmful_compliance(harmful_pool[:n_harm], seed=p.seed) if n_harm else []
+        rows = [prompt_completion(r["prompt"], r["response"]) for r in benign]
+        rows += [prompt_completion(r["prompt"], r["response"]) for r in harmful]
+        import random
+
+        random.Random(p.seed).shuffle(rows)
+        eval_sets = {
+            "harmful": load_prompts("harmful").heldout[: p.n_harmful_eval],
+            "borderline": load_prompts("borderline").all[: p.n_borderline],
+            "harmless": load_prompts("harmless").heldout[: p.n_harmless],
+        }
+        task = benchdata.arithmetic_task(p.n_task, seed=p.seed, split="eval")
+        train_prompts = [r["prompt"][0]["content"] for r in rows]
+        benchdata.check_disjoint(train_prompts, [x for v in eval_sets.values() for x in v] + [t["prompt"] for t in task])
+        return {"rows": rows, "eval_sets": eval_sets, "task": task, "n_harmful_train": n_harm}
+
+    # -- one run
+    def evaluate(self, model, tok, data) -> dict[str, Any]:
+        from . import benchdata
+        from .eval import evaluate_refusal, generate
+
+        p = self.profile
+        res = evaluate_refusal(model, tok, data["eval_sets"], p.max_new_tokens, p.gen_batch_size, self.progress)
+        answers = generate(model, tok, [t["prompt"] for t in data["task"]], p.task_new_tokens, p.gen_batch_size,
+                           self.progress)
+        metrics = {
+            "harmful_refusal": res["harmful"]["refusal_rate"],
+            "harmful_score": res["harmful"]["refusal_score"],
+            "borderline_refusal": res["borderline"]["refusal_rate"],
+            "harmless_refusal": res["harmless"]["refusal_rate"],
+            "task_accuracy": benchdata.task_accuracy(answers, [t["answer"] for t in data["task"]]),
+            "collapse_rate": _collapse_rate([s["response"] for s in res["harmless"]["samples"]] + answers),
+        }
+        samples = {k: v["samples"][:8] for k, v in res.items()}
+        samples["task"] = [{"prompt": t["prompt"], "response": a, "answer": t["answer"]}
+                           for t, a in list(zip(data["task"], answers))[:8]]
+        return {"metrics": metrics, "samples": samples}
+
+    def run_one(self, method: str, ratio: float, data, artifact: Path) -> dict[str, Any]:
+        from .recipes import clean_copy, sft
+
+        path = self.out / "runs" / f"{method}_p{ratio:g}.json"
+        if path.exists():
+            self.say(f"  {method} @ p={ratio:g}: done earlier, reusing {path}")
+            return json.loads(path.read_text())
+        model, tok = self.load()
+        p = self.profile
+        self.say(f"  {method} @ p={ratio:g}: training {p.steps} steps" if method != "base" else "  base: evaluating")
+        record: dict[str, Any] = {"method": method, "ratio": ratio, "config": self.methods[method]}
+        if method == "base":
+            ev = self.evaluate(model, tok, data)
+        else:
+            cfg = None
+            if self.methods[method]:
+                cfg = {"artifact": str(artifact), **self.methods[method], **p.method_overrides.get(method, {})}
+            gc.collect()
+            with _PeakRSS() as mem:
+                res = sft(clean_copy(model), tok, data["rows"], steps=p.steps, output_dir=str(self.out / "tmp"),
+                          lr=p.lr, batch_size=p.batch_size, lora_r=p.lora_r, safeguard=cfg, seed=p.seed,
+                          max_length=p.max_length, logging_steps=1)
+            skip = min(2, max(0, len(res.step_times) - 1))
+            losses = [h["loss"] for h in res.log_history if "loss" in h]
+            record.update({
+                "train_seconds": res.seconds,
+                "step_median_s": statistics.median(res.step_times[skip:]),
+                "train_memory_bytes": mem.delta,
+                "train_loss_final": statistics.mean(losses[-3:]) if losses else None,
+                "log_history": res.log_history,
+            })
+            ev = self.evaluate(res.model, tok, data)
+            del res
+            gc.collect()
+        record.update(ev)
+        _atomic_json(path, record)
+        return record
+
+    # -- whole bench
+    def run(self) -> dict[str, Any]:
+        from . import benchdata
+
+        t0 = time.perf_counter()
+        self.say(f"safeguard bench: model {self.model_spec}, profile {self.profile.name}, methods "
+                 f"{list(self.methods)}, ratios {list(self.profile.ratios)} -> {self.out}")
+        artifact = self.artifact() if any(self.methods.values()) else None
+        runs = []
+        base_done = None
+        for ratio in self.profile.ratios:
+            data = self.data(ratio)
+            for m in self.methods:
+                if m == "base":
+                    base_done = base_done or self.run_one("base", 0.0, data, artifact)
+                    continue
+                runs.append(self.run_one(m, ratio, data, artifact))
+        if base_done:
+            runs.insert(0, base_done)
+        judge = benchdata.judge_accuracy()
+        results = {"model": self.model_spec, "profile": asdict(self.profile), "judge": judge,
+                   "runs": [{k: v for k, v in r.items() if k != "log_history"} for r in runs],
+                   "wall_seconds": time.perf_counter() - t0}
+        _add_ratios(results["runs"])
+        _atomic_json(self.out / "results.json", results)
+        from .report import write_report
+
+        md = write_report(results, runs, self.out)
+        self.say(md)
+        return results
+
+
+def _add_ratios(runs: list[dict]) -> None:
+    plain = {r["ratio"]: r for r in runs if r["method"] == "sft"}
+    for r in runs:
+        base = plain.get(r["ratio"])
+        if base and "step_median_s" in r:
+            r["time_ratio"] = r["step_median_s"] / base["step_median_s"]
+            r["memory_ratio"] = (r["train_memory_bytes"] / base["train_memory_bytes"]
+                                 if base["train_memory_bytes"] > 0 else None)

@@ -1,0 +1,125 @@
+"""Markdown report and PNG plots for ``safeguard bench`` results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pct(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _ratio(x):
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def results_table(runs: list[dict]) -> str:
+    lines = ["| method | p | harmful refusal % ↑ | refusal score | borderline refusal % ↓ | harmless refusal % ↓ | "
+             "task acc % ↑ | collapse % ↓ | train loss | step-time ratio | train-memory ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        m = r["metrics"]
+        loss = r.get("train_loss_final")
+        lines.append(
+            f"| {r['method']} | {r['ratio']:g} | {_pct(m['harmful_refusal'])} | {m['harmful_score']:+.2f} | "
+            f"{_pct(m['borderline_refusal'])} | {_pct(m['harmless_refusal'])} | {_pct(m['task_accuracy'])} | "
+            f"{_pct(m['collapse_rate'])} | {'–' if loss is None else f'{loss:.3f}'} | {_ratio(r.get('time_ratio'))} | "
+            f"{_ratio(r.get('memory_ratio'))} |")
+    return "\n".join(lines)
+
+
+def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    runs = results["runs"]
+    # 1. refusal vs task accuracy
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in runs:
+        m = r["metrics"]
+        ax.scatter(100 * m["task_accuracy"], 100 * m["harmful_refusal"], s=60)
+        ax.annotate(f"{r['method']} (p={r['ratio']:g})", (100 * m["task_accuracy"], 100 * m["harmful_refusal"]),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("task accuracy (%)")
+    ax.set_ylabel("harmful-prompt refusal (%)")
+    ax.set_title("Safety vs utility (up and right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "refusal_vs_accuracy.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    # 2. refusal vs harmful ratio
+    methods = sorted({r["method"] for r in runs if r["method"] != "base"})
+    ratios = sorted({r["ratio"] for r in runs if r["method"] != "base"})
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for meth in methods:
+        pts = sorted((r["ratio"], r["metrics"]["harmful_refusal"]) for r in runs if r["method"] == meth)
+        ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=meth)
+    base = [r for r in runs if r["method"] == "base"]
+    if base:
+        ax.axhline(100 * base[0]["metrics"]["harmful_refusal"], color="gray", ls="--", label="base (no fine-tuning)")
+    ax.set_xlabel("harmful examples in fine-tuning data (%)")
+    ax.set_ylabel("harmful-prompt refusal (%)")
+    ax.set_title("Refusal vs harmful ratio" + (" (single ratio in this profile)" if len(ratios) < 2 else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "refusal_vs_ratio.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    # 3. penalty and drift over steps
+    constrained = [r for r in full_runs if r.get("log_history") and any(
+        k.startswith("safeguard/") for h in r["log_history"] for k in h)]
+    if constrained:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for r in constrained:
+            hist = [h for h in r["log_history"] if "loss" in h]
+            steps = [h["step"] for h in hist]
+            for ax, key in zip(axes, ("safeguard/penalty", "safeguard/procon_drift")):
+                ys = [h.get(key) for h in hist]
+                if any(y is not None for y in ys):
+                    ax.plot(steps, [float("nan") if y is None else y for y in ys], label=f"{r['method']} p={r['ratio']:g}")
+        axes[0].set_title("penalty per step")
+        axes[0].set_yscale("symlog", linthresh=1e-3)
+        axes[1].set_title("refusal-projection drift (std units)")
+        for ax in axes:
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(out / "penalty_drift.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def write_report(results: dict[str, Any], full_runs: list[dict], out: str | Path) -> str:
+    out = Path(out)
+    prof = results["profile"]
+    judge = results.get("judge") or {}
+    plots = plot_all(results, full_runs, out)
+    md = [
+        f"# safeguard bench — {results['model']}, profile `{prof['name']}`", "",
+        f"*{prof['description']}*", "",
+        f"Fine-tuning: {prof['n_train']} examples (benign arithmetic word problems + harmful prompts with content-free "
+        f"compliance-style answers at ratio p), LoRA r={prof['lora_r']}, {prof['steps']} steps, batch {prof['batch_size']}, "
+        f"lr {prof['lr']}. Evaluation: held-out harmful prompts (refusal ↑), borderline-but-safe prompts (over-refusal ↓), "
+        f"harmless prompts, arithmetic task accuracy (exact match), greedy decoding, {prof['max_new_tokens']} new tokens.", "",
+        results_table(results["runs"]), "",
+        "Step-time and memory ratios are relative to plain SFT at the same p, measured in this run (training-memory = "
+        "peak RSS above the level before training on CPU; CUDA peak allocation on GPU). Collapse % = responses to "
+        "harmless/task prompts that contain the attack's compliance template.", "",
+    ]
+    if judge:
+        md += [f"Refusal judge (keyword) validated on {judge.get('n')} labelled responses "
+               f"({judge.get('source', 'pyrit refusal scorer set')}): accuracy {100 * judge['accuracy']:.1f}%, "
+               f"precision {100 * judge['precision']:.1f}%, recall {100 * judge['recall']:.1f}%.", ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    md += ["", f"Wall time: {results['wall_seconds'] / 60:.1f} min."]
+    text = "\n".join(md) + "\n"
+    (out / "report.md").write_text(text)
+    return text
