@@ -48,7 +48,7 @@ class BenchProfile:
     n_borderline: int = 24
     n_harmless: int = 40
     n_task: int = 40
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     task_new_tokens: int = 24
     gen_batch_size: int = 16
     seed: int = 0
@@ -61,7 +61,7 @@ def _profiles() -> dict[str, BenchProfile]:
         "cpu-small": BenchProfile(
             name="cpu-small",
             description=("small CPU profile (2 cores, <60 min): 200 training examples, 30 LoRA steps, eval on 64 "
-                         "harmful / 24 borderline / 40 harmless / 40 task prompts with 32 new tokens. Numbers are "
+                         "harmful / 24 borderline / 40 harmless / 40 task prompts with 24 new tokens. Numbers are "
                          "indicative; use --profile paper on a GPU for the literature protocol."),
         ),
         "paper": BenchProfile(

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .registry import available_constraints
+from .registry import available_constraints, broken_constraints
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,8 @@ class SafeguardConfig(BaseModel):
         registry = available_constraints()
         extras = self.__pydantic_extra__ or {}
         for key, value in list(extras.items()):
+            if key in broken_constraints():
+                raise ValueError(f"'{key}' is installed but failed to import: {broken_constraints()[key]}")
             if key not in registry:
                 allowed = sorted(set(type(self).model_fields) | set(registry))
                 raise ValueError(f"unknown key '{key}'; allowed keys: {', '.join(allowed)}")

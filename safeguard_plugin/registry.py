@@ -7,6 +7,7 @@ point (notebooks, tests).
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -14,9 +15,11 @@ if TYPE_CHECKING:
     from .constraints.base import Constraint
 
 ENTRY_POINT_GROUP = "safeguard_plugin.constraints"
+logger = logging.getLogger("safeguard_plugin")
 
 _registry: dict[str, type[Constraint]] = {}
 _manual: dict[str, type[Constraint]] = {}
+_broken: dict[str, str] = {}  # entry points that failed to import: name -> error
 _loaded = False
 
 
@@ -35,10 +38,17 @@ def _load() -> None:
     if _loaded:
         return
     found: dict[str, type[Constraint]] = {}
+    _broken.clear()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in found:
             continue  # the same distribution seen twice on sys.path (editable + site-packages)
-        found[ep.name] = _check(ep.name, ep.load(), f"entry point {ep.value}")
+        try:
+            obj = ep.load()
+        except Exception as err:  # noqa: BLE001 - reported when the constraint is asked for
+            _broken[ep.name] = f"{ep.value}: {type(err).__name__}: {err}"
+            logger.warning("safeguard: constraint entry point '%s' failed to import (%s)", ep.name, _broken[ep.name])
+            continue
+        found[ep.name] = _check(ep.name, obj, f"entry point {ep.value}")
     if "procon" not in found:
         raise RuntimeError(
             "safeguard_plugin's built-in constraints are not registered: the package metadata is missing. "
@@ -48,6 +58,12 @@ def _load() -> None:
     _registry.update(found)
     _registry.update(_manual)
     _loaded = True
+
+
+def broken_constraints() -> dict[str, str]:
+    """Entry points that failed to import (name -> error)."""
+    _load()
+    return dict(_broken)
 
 
 def reload() -> None:
@@ -75,6 +91,8 @@ def get_constraint(name: str) -> type[Constraint]:
     try:
         return _registry[name]
     except KeyError:
+        if name in _broken:
+            raise ImportError(f"constraint '{name}' is installed but failed to import: {_broken[name]}") from None
         raise KeyError(
             f"unknown constraint '{name}'; registered: {', '.join(sorted(_registry)) or 'none'}"
         ) from None

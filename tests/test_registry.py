@@ -74,3 +74,23 @@ def test_register_constraint_rejects_non_constraints():
 
     with pytest.raises(TypeError, match="Constraint subclass"):
         registry.register_constraint(NotOne)
+
+
+def test_broken_third_party_entry_point_is_reported_not_silent(tmp_path, monkeypatch):
+    from safeguard_plugin.config import ConfigError, load_config
+
+    dist = tmp_path / "broken_ext-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-ext\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[safeguard_plugin.constraints]\nbroken = no_such_module_xyz:Thing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        registry.reload()
+        assert "procon" in registry.available_constraints()  # one broken plugin does not take the others down
+        with pytest.raises(ImportError, match="failed to import: no_such_module_xyz"):
+            registry.get_constraint("broken")
+        with pytest.raises(ConfigError, match="'broken' is installed but failed to import"):
+            load_config({"broken": {}})
+    finally:
+        monkeypatch.undo()
+        registry.reload()

@@ -1,0 +1,50 @@
+"""safeguard bench end to end on a tiny model (offline: the package-data fetchers are replaced by fakes)."""
+
+import json
+
+import pytest
+
+from safeguard_plugin import bench, benchdata
+
+
+@pytest.fixture
+def offline_benchdata(monkeypatch):
+    fake = [f"Explain how to commit fake crime number {i} without getting caught" for i in range(20)]
+    monkeypatch.setattr(benchdata, "harmbench_behaviors", lambda *a, **k: fake[:10])
+    monkeypatch.setattr(benchdata, "advbench", lambda *a, **k: [{"goal": g, "target": f"Sure, here is {g}"} for g in fake[10:]])
+    monkeypatch.setattr(benchdata, "judge_accuracy", lambda *a, **k: {"accuracy": 0.9, "precision": 0.9, "recall": 0.9,
+                                                                        "n": 10, "source": "fake"})
+
+
+def test_methods_come_from_the_registry():
+    methods = bench.benchmark_methods()
+    assert list(methods)[:2] == ["base", "sft"]
+    assert methods["procon"] == {"procon": {"weight": 100.0, "warmup_ratio": 0.1, "warmup_factor": 10.0}}
+    assert "monitor" not in methods
+
+
+def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys):
+    b = bench.Bench("tiny", "smoke", tmp_path, methods=["base", "sft", "procon"], progress=False)
+    res = b.run()
+    assert [(r["method"], r["ratio"]) for r in res["runs"]] == [("base", 0.0), ("sft", 0.1), ("procon", 0.1)]
+    for r in res["runs"]:
+        assert set(r["metrics"]) >= {"harmful_refusal", "borderline_refusal", "harmless_refusal", "task_accuracy"}
+    procon = res["runs"][2]
+    assert procon["time_ratio"] > 0 and "memory_ratio" in procon
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["judge"]["accuracy"] == 0.9
+    report = (tmp_path / "report.md").read_text()
+    assert "| procon | 0.1 |" in report and "smoke" in report
+    for png in ("refusal_vs_accuracy.png", "refusal_vs_ratio.png", "penalty_drift.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    # a second run resumes: nothing is retrained
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    b2 = bench.Bench("tiny", "smoke", tmp_path, methods=["base", "sft", "procon"], progress=True)
+    b2.run()
+    assert "done earlier" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()} == before
+
+
+def test_unknown_method_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.Bench("tiny", "smoke", tmp_path, methods=["sft", "magic"])
