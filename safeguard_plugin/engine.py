@@ -122,6 +122,8 @@ class SafeguardEngine:
         self.constraints = [get_constraint(name)(cfg, self.artifact) for name, cfg in self.config.constraint_configs().items()]
         for c in self.constraints:
             c.validate_model(self.model)
+        for c in self.constraints:
+            c.modify_model(self.model)
         self._layers = sorted({layer for c in self.constraints for layer in c.layers()})
         if self._layers and not self._suffix:
             raise SafeguardRuntimeError("the artifact records no post-instruction tokens; re-run `safeguard calibrate`")

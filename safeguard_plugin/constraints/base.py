@@ -3,6 +3,7 @@
 | moment          | when                                        | method                                      |
 |-----------------|---------------------------------------------|---------------------------------------------|
 | calibrate       | offline, once per model                     | ``calibrate(ctx)`` adds components          |
+| surgery         | engine.setup, before the optimizer exists   | ``modify_model``                            |
 | prepare         | model exists, before the first step         | ``validate_model``, ``prepare``             |
 | reference       | once per distinct prompt, original weights  | ``reference_values(acts)`` (cached)         |
 | penalty         | every training micro-batch forward          | ``penalty(batch)`` -> scalar tensor         |
@@ -99,6 +100,10 @@ class Constraint:
 
     def validate_model(self, model: torch.nn.Module) -> None:
         """Raise before step 1 if the artifact does not fit the model (layers, dimensions)."""
+
+    def modify_model(self, model: torch.nn.Module) -> None:
+        """In-place model surgery (e.g. adapter initialisation), run by ``engine.setup`` before the optimizer
+        exists. Must keep the same top-level model object, since the trainer already holds a reference to it."""
 
     def prepare(self, ctx: TrainContext) -> None:
         """Model surgery / precomputation before the optimizer's first step."""
