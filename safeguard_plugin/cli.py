@@ -36,6 +36,14 @@ def cmd_calibrate(args) -> int:
     from .calibration import calibrate
     from .data import load_prompts
 
+    if args.axolotl_config:
+        from .integrations.axolotl import calibrate_from_axolotl_config
+
+        print(calibrate_from_axolotl_config(args.axolotl_config))
+        return 0
+    if not args.model or not args.out:
+        raise ValueError("calibrate needs --model and --out (or --axolotl-config x.yaml)")
+
     harmful = load_prompts(args.harmful, limit=args.limit)
     harmless = load_prompts(args.harmless, limit=args.limit)
     model, tok, model_id = _load(args)
@@ -99,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", choices=list(_DTYPES), default="float32")
 
     c = sub.add_parser("calibrate", help="compute the artifact (refusal directions, ...) for a model")
-    model_args(c)
-    c.add_argument("--out", required=True, help="artifact folder to write (atomically)")
+    model_args(c, default="")
+    c.add_argument("--out", help="artifact folder to write (atomically)")
+    c.add_argument("--axolotl-config", help="take the model and artifact path from an Axolotl YAML (Axolotl env)")
     c.add_argument("--harmful", default="harmful", help="shipped set name, JSONL/CSV path or HF dataset id")
     c.add_argument("--harmless", default="harmless", help="shipped set name, JSONL/CSV path or HF dataset id")
     c.add_argument("--constraints", help="comma-separated constraints to calibrate for (default: all registered)")

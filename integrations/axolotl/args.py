@@ -1,0 +1,96 @@
+"""The YAML keys the plugin adds to Axolotl: one nested ``safeguard:`` block, validated by OUR schema.
+
+``safeguard_plugin.config.SafeguardConfig`` is the single schema (TRL callback, CLI and Axolotl share it); this
+module only wraps it into the one field Axolotl merges into its config, and turns validation errors into
+messages that name the full YAML key (``safeguard.procon.weight: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from safeguard_plugin.config import ConfigError, SafeguardConfig, load_config
+from safeguard_plugin.registry import available_constraints
+
+_KEY_PREFIX = re.compile(r"^([A-Za-z_][\w.]*): ")
+_UNKNOWN_KEY = re.compile(r"^unknown key '([^']+)'; ")
+
+
+def plain(obj: Any) -> Any:
+    """Axolotl's DictDefault (and nested mappings/lists) -> plain dicts and lists."""
+    if isinstance(obj, BaseModel):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def _error_lines(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in e["loc"])
+        if loc:
+            lines.append(f"safeguard.{loc}: {msg}")
+        elif m := _UNKNOWN_KEY.match(msg):
+            lines.append(f"safeguard.{m.group(1)}: unknown key; {msg[m.end():]}")
+        elif _KEY_PREFIX.match(msg):  # a constraint section's error, already 'procon.weight: ...'
+            lines.append(f"safeguard.{msg}")
+        else:
+            lines.append(f"safeguard: {msg}")
+    return lines
+
+
+def validate_block(value: Any) -> SafeguardConfig:
+    """A ``safeguard:`` block (mapping) -> :class:`SafeguardConfig`; ``ValueError`` naming the YAML key otherwise.
+
+    Relative ``artifact`` paths are kept as written: like every other path in an Axolotl YAML they are resolved
+    against the working directory of the run.
+    """
+    if isinstance(value, SafeguardConfig):
+        cfg = value
+    else:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"safeguard: must be a mapping (e.g. `procon: {{weight: 100}}`), got {type(value).__name__}")
+        try:
+            cfg = SafeguardConfig.model_validate(plain(value))
+        except ValidationError as err:
+            raise ValueError("; ".join(_error_lines(err))) from None
+    try:
+        load_config(cfg)  # the checks beyond the schema (e.g. at least one constraint enabled)
+    except ConfigError as err:
+        raise ValueError(f"safeguard: {err}") from None
+    registry = available_constraints()
+    needs = [n for n in cfg.constraint_configs() if getattr(registry.get(n), "requires", ())]
+    if needs and not cfg.artifact:
+        raise ValueError(
+            f"safeguard.artifact: required by {', '.join(needs)}; give a folder. If it does not exist yet, the plugin "
+            "calibrates the model there at the start of the run (or run `axolotl safeguard calibrate <yaml>`)."
+        )
+    return cfg
+
+
+class SafeguardArgs(BaseModel):
+    """Input args for the safeguard plugin (``plugins: [safeguard_plugin.integrations.axolotl.SafeguardPlugin]``)."""
+
+    safeguard: SafeguardConfig | None = Field(
+        default=None,
+        json_schema_extra={
+            "description": "Safety constraints applied during fine-tuning (safeguard-plugin). Same schema as "
+            "`safeguard_plugin.SafeguardConfig`: `artifact:` plus one section per constraint, e.g. "
+            "`procon: {weight: 100}`."
+        },
+    )
+
+    @field_validator("safeguard", mode="before")
+    @classmethod
+    def _validate_safeguard(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        return validate_block(value)
