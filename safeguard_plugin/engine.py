@@ -8,10 +8,16 @@ Loss routes (both tested to give the same weights):
   The gradient is then that of ``loss + P/GA``, whatever the trainer does with the loss (TRL 1.16 builds its
   loss from fused log-probs, not ``outputs.loss``).
 * ``collect`` (trainer mixin): the penalty tensor is kept and the trainer adds it to the loss it returns.
+
+Penalty point: the last hooked decoder layer; or, when a constraint sets ``uses_final_hidden``, the output of
+the model's final norm (the LM head's input), with the trainer's forward kwargs (labels, attention mask)
+captured by a pre-hook on the model. There a constraint may ask for a no-grad forward of the original weights
+on (part of) the batch (``BatchView.reference_hidden``): under PEFT the adapter-disabled model, no copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -24,8 +30,9 @@ from torch import nn
 
 from .artifacts import Artifact
 from .config import SafeguardConfig, load_config
-from .constraints.base import BatchView, Constraint, TrainContext
+from .constraints.base import BatchView, Constraint, OutputHead, TrainContext
 from .modeling import (
+    StopForward,
     capture_layers,
     find_decoder_layers,
     find_suffix_positions,
@@ -60,6 +67,50 @@ def _prefix_key(row: torch.Tensor) -> bytes:
     return hashlib.blake2b(row.to("cpu", torch.int64).numpy().tobytes(), digest_size=16).digest()
 
 
+_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The final norm whose output is the LM head's input (``model.model.norm`` in Llama/Qwen2, ``transformer.ln_f``
+    in GPT-2)."""
+    base = unwrap_model(model)
+    if is_peft_model(base):
+        base = base.get_base_model()
+    get_dec = getattr(base, "get_decoder", None)
+    dec = None
+    with contextlib.suppress(Exception):
+        dec = get_dec() if callable(get_dec) else None
+    for obj in (dec, getattr(base, "model", None), getattr(base, "transformer", None), base):
+        for name in _NORM_NAMES:
+            mod = getattr(obj, name, None) if obj is not None else None
+            if isinstance(mod, nn.Module):
+                return mod
+    raise SafeguardRuntimeError(
+        f"could not find the final norm of {type(base).__name__} (looked for {', '.join(_NORM_NAMES)} on its decoder); "
+        "constraints that work on the final hidden states need it"
+    )
+
+
+def output_head(model: nn.Module) -> OutputHead:
+    """The LM head of ``model`` with the logit scaling / soft-capping its config declares (as TRL's fused head)."""
+    base = unwrap_model(model)
+    if is_peft_model(base):
+        base = base.get_base_model()
+    lm = base.get_output_embeddings()
+    if lm is None or not isinstance(getattr(lm, "weight", None), torch.Tensor):
+        raise SafeguardRuntimeError(f"{type(base).__name__} has no linear LM head (get_output_embeddings())")
+    if hasattr(lm, "base_layer"):
+        raise SafeguardRuntimeError("an adapter on the LM head is not supported: leave lm_head out of target_modules")
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = getattr(cfg, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        scale = getattr(cfg, name, None) if scale is None else scale
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    return OutputHead(lm.weight, getattr(lm, "bias", None), 1.0 if scale is None else float(scale),
+                      getattr(cfg, "final_logit_softcapping", None))
+
+
 class SafeguardEngine:
     """Framework-free runtime for a set of constraints.
 
@@ -91,6 +142,9 @@ class SafeguardEngine:
         self._suffix: list[int] = []
         self._ids: torch.Tensor | None = None
         self._acts: dict[int, torch.Tensor] = {}
+        self._fwd: dict[str, Any] = {}  # top-level forward kwargs of the current training forward
+        self._final_users = False
+        self._final_norm: nn.Module | None = None
         self._in_reference = False
         self._pending: torch.Tensor | None = None
         self._backward_seen = 0
@@ -100,6 +154,7 @@ class SafeguardEngine:
         self.n_rows = 0
         self.n_rows_found = 0
         self.n_rows_ref_missing = 0
+        self.n_reference_forwards = 0  # no-grad forwards of the original weights (precompute + per batch)
         self.nan_skipped = 0
         self._pen_sum = 0.0
         self._pen_n = 0
@@ -125,6 +180,7 @@ class SafeguardEngine:
         for c in self.constraints:
             c.modify_model(self.model)
         self._layers = sorted({layer for c in self.constraints for layer in c.layers()})
+        self._final_users = any(c.uses_final_hidden for c in self.constraints)
         if self._layers and not self._suffix:
             raise SafeguardRuntimeError("the artifact records no post-instruction tokens; re-run `safeguard calibrate`")
         self._attach()
@@ -137,20 +193,38 @@ class SafeguardEngine:
         art = self.artifact.path if self.artifact is not None else "none"
         return f"safeguard active: {'; '.join(parts)} | artifact {art} | layers {self._layers}"
 
+    @property
+    def post_instruction_ids(self) -> list[int]:
+        """The chat template's post-instruction token ids recorded in the artifact (empty without one)."""
+        return list(self._suffix)
+
     def _attach(self) -> None:
-        if not self._layers:
+        if not self._layers and not self._final_users:
             return
-        blocks = find_decoder_layers(self.model)
         emb = self.model.get_input_embeddings()
         self._handles.append(emb.register_forward_pre_hook(self._on_embed))
-        last = self._layers[-1]
-        for idx in self._layers:
-            self._handles.append(blocks[idx].register_forward_hook(self._make_layer_hook(idx, idx == last)))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        # The penalty point is the final norm (outside the decoder layers, so outside any gradient-checkpointed
+        # region: with transformers < 5.24 layer hooks also run in the recompute). Layer hooks only store outputs.
+        try:
+            self._final_norm = find_final_norm(self.model)
+        except SafeguardRuntimeError:
+            if self._final_users:
+                raise
+            self._final_norm = None
+        if self._layers:
+            blocks = find_decoder_layers(self.model)
+            last = None if self._final_norm is not None else self._layers[-1]
+            for idx in self._layers:
+                self._handles.append(blocks[idx].register_forward_hook(self._make_layer_hook(idx, idx == last)))
+        if self._final_norm is not None:
+            self._handles.append(self._final_norm.register_forward_hook(self._on_final_hidden))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._final_norm = None
         self.model = None
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -168,6 +242,20 @@ class SafeguardEngine:
         self._ids = ids
         self._acts = {}
 
+    def _on_forward(self, _module, _args, kwargs):
+        if self._active():
+            self._fwd = kwargs
+        return None
+
+    def _on_final_hidden(self, _mod, _inp, out):
+        if not self._active() or self._ids is None:
+            return None
+        h = out[0] if isinstance(out, tuple) else out
+        h_new = self._penalty_at(h, hidden=h if self._final_users else None)
+        if h_new is h:
+            return None
+        return (h_new, *out[1:]) if isinstance(out, tuple) else h_new
+
     def _make_layer_hook(self, idx: int, is_last: bool):
         def hook(_mod, _inp, out):
             if not self._active() or self._ids is None:
@@ -176,7 +264,7 @@ class SafeguardEngine:
             self._acts[idx] = h
             if not is_last:
                 return None
-            h_new = self._penalty_at_last_layer(h)
+            h_new = self._penalty_at(h)
             if h_new is h:
                 return None
             return (h_new, *out[1:]) if isinstance(out, tuple) else h_new
@@ -190,26 +278,47 @@ class SafeguardEngine:
         pos = starts.clamp(min=0).unsqueeze(1) + torch.arange(P, device=ids.device)
         return pos, valid
 
-    def _penalty_at_last_layer(self, h: torch.Tensor) -> torch.Tensor:
+    def _prompt_ref_users(self) -> list[Constraint]:
+        return [c for c in self.constraints if c.uses_reference and c.prompt_reference]
+
+    def _penalty_at(self, h: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute and attach the summed penalty at the penalty point; ``hidden``: final hidden states."""
         ids, self._ids = self._ids, None
         acts_full, self._acts = self._acts, {}
+        fwd, self._fwd = self._fwd, {}
         self.n_forward += 1
-        pos, valid = self._gather(ids)
-        self.n_rows += int(ids.shape[0])
-        n_valid = int(valid.sum())
-        self.n_rows_found += n_valid
-        if n_valid == 0:
+        if self._layers:
+            pos, valid = self._gather(ids)
+            self.n_rows += int(ids.shape[0])
+            n_valid = int(valid.sum())
+            self.n_rows_found += n_valid
+        else:
+            pos = torch.zeros((ids.shape[0], 0), dtype=torch.long, device=ids.device)
+            valid = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            n_valid = 0
+        if n_valid == 0 and hidden is None:
             return h
         acts = {}
-        for layer, a in acts_full.items():
-            idx = pos.to(a.device).unsqueeze(-1).expand(-1, -1, a.shape[-1])
-            acts[layer] = a.gather(1, idx)
+        if n_valid:
+            for layer, a in acts_full.items():
+                idx = pos.to(a.device).unsqueeze(-1).expand(-1, -1, a.shape[-1])
+                acts[layer] = a.gather(1, idx)
         batch = BatchView(input_ids=ids, acts=acts, valid=valid.to(h.device), global_step=self.global_step,
                           max_steps=self.max_steps)
-        if any(c.uses_reference for c in self.constraints):
+        if hidden is not None:
+            batch.hidden = hidden
+            batch.labels = fwd.get("labels")
+            mask = fwd.get("attention_mask")
+            batch.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            batch.forward_kwargs = fwd
+            batch.head = output_head(self.model)
+            batch.engine = self
+        if n_valid and self._prompt_ref_users():
             self._attach_reference(batch, ids, pos, valid)
         total = None
         for c in self.constraints:
+            if not n_valid and not c.uses_final_hidden:
+                continue  # no post-instruction positions in this micro-batch
             p = c.penalty(batch)
             if p is not None:
                 total = p if total is None else total + p
@@ -245,7 +354,7 @@ class SafeguardEngine:
     def _attach_reference(self, batch: BatchView, ids, pos, valid) -> None:
         keys = self._keys(ids, pos, valid)
         missing = [i for i, k in enumerate(keys) if k is not None and any(k not in self._cache.get(c.name, {})
-                                                                           for c in self.constraints if c.uses_reference)]
+                                                                           for c in self._prompt_ref_users())]
         if missing and (is_peft_model(self.model) or self.optimizer_steps_seen == 0):
             # the original weights are still reachable (adapter disabled, or no update yet): fill lazily
             ends = (pos[:, -1] + 1).tolist()
@@ -255,9 +364,7 @@ class SafeguardEngine:
         for i in missing:
             ref_valid[i] = False
         self.n_rows_ref_missing += len(missing)
-        for c in self.constraints:
-            if not c.uses_reference:
-                continue
+        for c in self._prompt_ref_users():
             cache = self._cache.get(c.name, {})
             rows = [cache.get(k) if (k is not None and ref_valid[i]) else None for i, k in enumerate(keys)]
             template = next((r for r in rows if r is not None), None)
@@ -272,7 +379,7 @@ class SafeguardEngine:
     @torch.no_grad()
     def _compute_references(self, prefixes: list[list[int]], batch_size: int = 16, progress: bool = False) -> None:
         """Original-model values for each prompt prefix (which ends with the post-instruction tokens)."""
-        users = [c for c in self.constraints if c.uses_reference]
+        users = self._prompt_ref_users()
         if not users or not prefixes:
             return
         P = len(self._suffix)
@@ -309,11 +416,21 @@ class SafeguardEngine:
     def precompute_references(self, batches: Iterable[dict[str, Any]], batch_size: int = 16, progress: bool = True) -> int:
         """Cache original-model values for every example in ``batches`` (dicts with ``input_ids``).
 
-        Only the prompt prefix up to the post-instruction tokens is run, and only through the last
-        constrained layer, so this costs a fraction of one forward epoch. Returns the number of new prompts.
+        Prompt-prefix values (``reference_values``): only the prompt prefix up to the post-instruction tokens is
+        run, and only through the last constrained layer, so this costs a fraction of one forward epoch. Then
+        each constraint's own ``precompute`` (per-example values such as risk scores). Returns the number of new
+        prompts / examples.
         """
         if not any(c.uses_reference for c in self.constraints):
             return 0
+        consumers = [c for c in self.constraints if type(c).precompute is not Constraint.precompute]
+        if consumers:
+            batches = list(batches)  # read more than once
+        n_new = 0
+        for c in consumers:
+            n_new += int(c.precompute(self.context(), batches, batch_size=batch_size, progress=progress) or 0)
+        if not self._prompt_ref_users():
+            return n_new
         seen: dict[bytes, list[int]] = {}
         for b in batches:
             ids = b["input_ids"]
@@ -326,10 +443,70 @@ class SafeguardEngine:
                 if v:
                     row = ids[i, : ends[i]]
                     k = _prefix_key(row)
-                    if all(k not in self._cache.get(c.name, {}) for c in self.constraints if c.uses_reference):
+                    if all(k not in self._cache.get(c.name, {}) for c in self._prompt_ref_users()):
                         seen.setdefault(k, row.tolist())
         self._compute_references(list(seen.values()), batch_size=batch_size, progress=progress)
-        return len(seen)
+        return n_new + len(seen)
+
+    # ------------------------------------------------------------------------------ original-weights forwards
+    def reference_available(self) -> bool:
+        """Whether the original weights can still be run: PEFT (adapter disabled), or before the first update."""
+        return self.model is not None and (is_peft_model(self.model) or self.optimizer_steps_seen == 0)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Run the original weights inside this block (PEFT adapters disabled; eval; no grad; the engine's own
+        hooks inactive). Raises when full fine-tuning has already changed them."""
+        if not self.reference_available():
+            raise SafeguardRuntimeError(
+                f"the original weights are no longer reachable: full fine-tuning has updated them "
+                f"({self.optimizer_steps_seen} optimizer steps). Reference values must be precomputed before "
+                "training (SafeguardCallback does this at train begin), or train a PEFT adapter (the "
+                "adapter-disabled model is the reference)."
+            )
+        prev = self._in_reference
+        self._in_reference = True
+        try:
+            with reference_mode(self.model):
+                yield self.model
+        finally:
+            self._in_reference = prev
+
+    @torch.no_grad()
+    def reference_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states ``(B, T, d)`` of the original weights (the forward stops at the final norm, so no
+        logits are built). ``kwargs``: attention_mask / position_ids. Counted in ``n_reference_forwards``."""
+        norm = self._final_norm if self._final_norm is not None else find_final_norm(self.model)
+        store: dict[str, torch.Tensor] = {}
+
+        def grab(_mod, _inp, out):
+            store["h"] = out[0] if isinstance(out, tuple) else out
+            raise StopForward
+
+        kwargs.pop("use_cache", None)
+        with self.reference():
+            handle = norm.register_forward_hook(grab)
+            try:
+                run_until(self.model, input_ids=input_ids, **kwargs)
+            finally:
+                handle.remove()
+        if "h" not in store:
+            raise SafeguardRuntimeError("the reference forward did not reach the final norm")
+        self.n_reference_forwards += 1
+        return store["h"]
+
+    def reference_hidden_for(self, batch: BatchView, rows: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """:meth:`reference_hidden` on ``rows`` of a training micro-batch (its attention mask / position ids),
+        truncated to ``length`` positions."""
+        B = batch.input_ids.shape[0]
+        rows = rows.to(batch.input_ids.device)
+        sl = slice(None) if length is None else slice(0, int(length))
+        kw = {}
+        for k in ("attention_mask", "position_ids", "token_type_ids"):
+            v = batch.forward_kwargs.get(k)
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == B:
+                kw[k] = v[rows.to(v.device)][:, sl]
+        return self.reference_hidden(batch.input_ids[rows][:, sl], **kw)
 
     # ------------------------------------------------------------------------------------ checkpoint state
     STATE_FILE = "safeguard_state.safetensors"
@@ -347,6 +524,15 @@ class SafeguardEngine:
                 keys = list(cache)
                 tensors[f"ref.{name}"] = torch.stack([cache[k] for k in keys]).contiguous()
                 meta[f"keys.{name}"] = [k.hex() for k in keys]
+        for c in self.constraints:  # constraint state: tensors in the file, the rest in the metadata
+            plain = {}
+            for k, v in (c.state_dict() or {}).items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"state.{c.name}.{k}"] = v.detach().cpu().contiguous().clone()
+                else:
+                    plain[k] = v
+            if plain:
+                meta[f"state.{c.name}"] = plain
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, self.STATE_FILE)
         tmp = path + ".tmp"
@@ -362,12 +548,21 @@ class SafeguardEngine:
         path = os.path.join(folder, self.STATE_FILE)
         if not os.path.isfile(path):
             return False
+        states: dict[str, dict[str, Any]] = {}
         with safe_open(path, framework="pt") as f:
             meta = json.loads(f.metadata()["safeguard"])
             for t in f.keys():
+                if t.startswith("state."):
+                    _, cname, key = t.split(".", 2)
+                    states.setdefault(cname, {})[key] = f.get_tensor(t)
+                    continue
                 name = t[len("ref."):]
                 vals = f.get_tensor(t)
                 self._cache[name] = {bytes.fromhex(k): v for k, v in zip(meta[f"keys.{name}"], vals)}
+        for c in self.constraints:
+            st = {**meta.get(f"state.{c.name}", {}), **states.get(c.name, {})}
+            if st:
+                c.load_state_dict(st)
         self.nan_skipped = int(meta.get("nan_skipped", 0))
         self.optimizer_steps_seen = int(meta.get("optimizer_steps_seen", 0))
         return True
@@ -392,7 +587,7 @@ class SafeguardEngine:
         self._sanity_check()
 
     def _sanity_check(self) -> None:
-        if not self._layers or self.optimizer_steps_seen > self.config.check_first_steps:
+        if not (self._layers or self._final_users) or self.optimizer_steps_seen > self.config.check_first_steps:
             return
         if self.optimizer_steps_seen == 1 and self.n_forward == 0:
             raise SafeguardRuntimeError(
@@ -405,7 +600,7 @@ class SafeguardEngine:
                 "safeguard's penalty was computed but no gradient flowed through it in step 1: the trainer's loss "
                 "does not depend on the hooked layers' outputs. Use SafeguardTrainerMixin / SafeguardSFTTrainer."
             )
-        if self.optimizer_steps_seen == self.config.check_first_steps and self.n_rows_found == 0:
+        if self._layers and self.optimizer_steps_seen == self.config.check_first_steps and self.n_rows_found == 0:
             raise SafeguardRuntimeError(
                 f"safeguard found the post-instruction tokens {self._suffix} in none of the {self.n_rows} training "
                 f"examples of the first {self.optimizer_steps_seen} steps, so no constraint applied. Format the data "

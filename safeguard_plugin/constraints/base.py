@@ -6,20 +6,37 @@
 | surgery         | engine.setup, before the optimizer exists   | ``modify_model``                            |
 | prepare         | model exists, before the first step         | ``validate_model``, ``prepare``             |
 | reference       | once per distinct prompt, original weights  | ``reference_values(acts)`` (cached)         |
+| precompute      | once, over the training data, before step 1 | ``precompute(ctx, batches)`` (cached)       |
 | penalty         | every training micro-batch forward          | ``penalty(batch)`` -> scalar tensor         |
 | after_step      | after each optimizer step                   | ``after_step(ctx)``                         |
 | metrics         | at each logging step                        | ``metrics()``                               |
 
 The engine owns hooks, caching, gradient-accumulation scaling, NaN guarding and logging; a constraint
 only does its maths.
+
+Capabilities a constraint can ask for (class attributes), all off by default:
+
+* ``layers()``: decoder-layer outputs at the post-instruction positions (``BatchView.acts``).
+* ``uses_reference``: original-model values are needed, so integrations run the engine's pre-training pass
+  (``engine.precompute_references``) and refuse set-ups where the original weights are gone (resuming full
+  fine-tuning without saved state, streaming data under full fine-tuning). With ``prompt_reference`` (the
+  default) the engine caches ``reference_values(acts)`` per prompt prefix into ``BatchView.reference``;
+  constraints that get their reference another way (``precompute``, ``BatchView.reference_hidden``) set
+  ``prompt_reference = False``.
+* ``uses_final_hidden``: the penalty is computed at the final hidden states (the output of the model's final
+  norm, the LM head's input), with the trainer's labels: ``BatchView.hidden``, ``labels``,
+  ``next_token_targets()``, ``head`` (logits for chosen positions only) and ``reference_hidden()`` (a no-grad
+  forward of the original weights on this batch, run only when the constraint asks for it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
@@ -46,12 +63,40 @@ class TrainContext:
 
 
 @dataclass
+class OutputHead:
+    """The model's LM head as maths: ``logits = softcap(scale · (h Wᵀ + b))`` (the transforms TRL's fused head
+    and the models apply). Use it on selected positions only: the vocabulary may be large."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def transform(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(logits, d logits / d raw)`` from raw ``h Wᵀ + b`` (the derivative is elementwise)."""
+        z = raw * self.scale if self.scale != 1.0 else raw
+        if not self.softcap:
+            return z, self.scale
+        t = torch.tanh(z / self.softcap)
+        return t * self.softcap, self.scale * (1 - t * t)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for hidden states ``(..., d)`` (differentiable)."""
+        raw = F.linear(h.to(self.weight.dtype), self.weight, self.bias).float()
+        return self.transform(raw)[0]
+
+
+@dataclass
 class BatchView:
-    """One training micro-batch, as seen at the engine's last hooked layer.
+    """One training micro-batch, as seen at the engine's penalty point (the last hooked decoder layer, or the
+    final hidden states when a constraint sets ``uses_final_hidden``).
 
     ``acts[layer]`` is ``(B, P, d)``: decoder-layer outputs at the ``P`` post-instruction positions of
     each example (with autograd graph). ``valid`` marks rows whose positions were found; ``reference``
     holds each constraint's cached original-model values for those rows (``(B, ...)``).
+
+    With ``uses_final_hidden``: ``hidden`` is ``(B, T, d)`` (with graph), ``labels`` / ``attention_mask`` /
+    ``forward_kwargs`` are what the trainer passed to the model's forward, ``head`` is the LM head.
     """
 
     input_ids: torch.Tensor
@@ -61,6 +106,41 @@ class BatchView:
     ref_valid: torch.Tensor | None = None
     global_step: int = 0
     max_steps: int = 0
+    hidden: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    head: OutputHead | None = None
+    engine: SafeguardEngine | None = field(default=None, repr=False)
+    _ref_hidden: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def next_token_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, targets)``, both ``(B, T)``, aligned with ``hidden``: ``mask[b, t]`` is True where position
+        ``t`` predicts a trained token (label != -100), ``targets[b, t]`` is that token (0 elsewhere). Same
+        shift as the causal-LM loss (``shift_labels``, when the trainer passes them, are used as they are)."""
+        shift = self.forward_kwargs.get("shift_labels")
+        if shift is not None:
+            tgt = shift
+        elif self.labels is not None:
+            tgt = torch.full_like(self.labels, -100)
+            tgt[:, :-1] = self.labels[:, 1:]
+        else:
+            raise RuntimeError("the training forward received no labels")
+        mask = tgt != -100
+        return mask, torch.where(mask, tgt, torch.zeros_like(tgt))
+
+    def reference_hidden(self, rows: Sequence[int] | torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
+        """Final hidden states of the original model (PEFT adapters disabled) for ``rows`` of this batch, truncated
+        to the first ``length`` positions (causal: earlier positions are unchanged); ``(len(rows), length, d)``,
+        no grad. Runs one reference forward per distinct request (counted by the engine); raises when the
+        original weights are no longer reachable (full fine-tuning after the first update)."""
+        if self.engine is None:
+            raise RuntimeError("this BatchView has no engine attached")
+        idx = torch.arange(self.input_ids.shape[0]) if rows is None else torch.as_tensor(rows).reshape(-1).cpu()
+        key = (tuple(idx.tolist()), length)
+        if key not in self._ref_hidden:
+            self._ref_hidden[key] = self.engine.reference_hidden_for(self, idx, length)
+        return self._ref_hidden[key]
 
 
 class Constraint:
@@ -70,6 +150,8 @@ class Constraint:
     config_class: ClassVar[type[ConstraintConfig]] = ConstraintConfig
     requires: ClassVar[tuple[str, ...]] = ()  # artifact components
     uses_reference: ClassVar[bool] = False
+    prompt_reference: ClassVar[bool] = True  # with uses_reference: engine caches reference_values() per prompt
+    uses_final_hidden: ClassVar[bool] = False  # penalty at the final hidden states (LM head input)
 
     def __init__(self, config: ConstraintConfig, artifact: Artifact | None):
         self.config = config
@@ -108,6 +190,14 @@ class Constraint:
     def prepare(self, ctx: TrainContext) -> None:
         """Model surgery / precomputation before the optimizer's first step."""
 
+    def precompute(self, ctx: TrainContext, batches: list[dict[str, Any]], batch_size: int = 16,
+                   progress: bool = True) -> int:
+        """Per-example values computed once before training from the training batches (collated dicts with
+        ``input_ids`` and, from the trainers, ``labels`` / ``attention_mask``), while the original weights are
+        reachable (``ctx.engine.reference()``). Called by ``engine.precompute_references``; returns how many
+        new examples were processed."""
+        return 0
+
     # -- training
     def reference_values(self, acts: dict[int, torch.Tensor]) -> torch.Tensor:
         """Values to cache per example from original-model activations ``{layer: (n, P, d)}`` -> ``(n, ...)``."""
@@ -126,6 +216,7 @@ class Constraint:
 
     # -- state saved with Trainer checkpoints (schedules derive from global_step, so usually nothing)
     def state_dict(self) -> dict[str, Any]:
+        """Tensors and JSON-able values to keep with a checkpoint (``engine.save_state``)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
