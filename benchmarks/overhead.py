@@ -25,6 +25,9 @@ from pathlib import Path
 VARIANTS = {
     "plain": None,
     "procon": {"procon": {"weight": 100.0}},
+    # adaptive KL with a reference forward on every batch (constant risk 5) and with every batch below the floor
+    "akl_every_batch": {"adaptive_kl": {"risk": "constant", "risk_options": {"score": 5}}},
+    "akl_below_floor": {"adaptive_kl": {"risk": "constant", "risk_options": {"score": 1}, "risk_floor": 2}},
 }
 
 
@@ -83,7 +86,7 @@ def main() -> int:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--variants", default=",".join(k for k in VARIANTS if k != "plain"))
+    p.add_argument("--variants", default="procon", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--artifact", help="existing artifact (default: calibrate one with 64+64 prompts)")
     p.add_argument("--out", default="results/overhead.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -98,8 +101,9 @@ def main() -> int:
 
         model, tok = _load(args.model)
         args.artifact = str(Path(tempfile.mkdtemp()) / "artifact")
+        names = sorted({n for v in args.variants.split(",") for n in (VARIANTS[v] or {})})
         calibrate(model, tok, load_prompts("harmful", limit=64), load_prompts("harmless", limit=64), args.artifact,
-                  model_id=args.model, constraints=["procon"], progress=True)
+                  model_id=args.model, constraints=names, progress=True)
         del model
     order = ["plain"] + args.variants.split(",")
     runs: dict[str, list[dict]] = {v: [] for v in order}
