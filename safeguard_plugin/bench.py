@@ -327,5 +327,7 @@ def _add_ratios(runs: list[dict]) -> None:
         base = plain.get(r["ratio"])
         if base and "step_median_s" in r:
             r["time_ratio"] = r["step_median_s"] / base["step_median_s"]
+            # In-process RSS deltas are not comparable between runs (the allocator keeps freed memory), so on
+            # CPU the memory ratio comes from benchmarks/overhead.py (one process per variant) instead.
             r["memory_ratio"] = (r["train_memory_bytes"] / base["train_memory_bytes"]
-                                 if base["train_memory_bytes"] > 0 else None)
+                                 if torch.cuda.is_available() and base["train_memory_bytes"] > 0 else None)

@@ -110,9 +110,10 @@ def write_report(results: dict[str, Any], full_runs: list[dict], out: str | Path
         f"lr {prof['lr']}. Evaluation: held-out harmful prompts (refusal ↑), borderline-but-safe prompts (over-refusal ↓), "
         f"harmless prompts, arithmetic task accuracy (exact match), greedy decoding, {prof['max_new_tokens']} new tokens.", "",
         results_table(results["runs"]), "",
-        "Step-time and memory ratios are relative to plain SFT at the same p, measured in this run (training-memory = "
-        "peak RSS above the level before training on CPU; CUDA peak allocation on GPU). Collapse % = responses to "
-        "harmless/task prompts that contain the attack's compliance template.", "",
+        "Step-time and memory ratios are relative to plain SFT at the same p, measured in this run (median step "
+        "time; memory = CUDA peak allocation on GPU, '–' on CPU where in-process RSS is not comparable between runs: "
+        "use `benchmarks/overhead.py`, one process per variant). Collapse % = responses to harmless/task prompts "
+        "that contain the attack's compliance template.", "",
     ]
     if judge:
         md += [f"Refusal judge (keyword) validated on {judge.get('n')} labelled responses "
