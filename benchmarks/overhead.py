@@ -32,14 +32,9 @@ VARIANTS = {
 
 
 def _load(spec):
-    if spec == "tiny":
-        from safeguard_plugin.testing import tiny_model, tiny_tokenizer
+    from safeguard_plugin.modeling import load_model_spec
 
-        return tiny_model(hidden=256, layers=8), tiny_tokenizer()
-    from safeguard_plugin.assets import resolve_model
-    from safeguard_plugin.modeling import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(resolve_model(spec))
+    return load_model_spec(spec, hidden=256, layers=8)
 
 
 def _rows(n: int, answer_words: int):
@@ -62,7 +57,6 @@ def child(args) -> dict:
     if cfg is not None:
         cfg = {**cfg, "artifact": args.artifact}
     if torch.cuda.is_available():
-        model.cuda()
         torch.cuda.reset_peak_memory_stats()
     rows = _rows(args.batch_size * (args.steps + 1), args.answer_words)
     t0 = time.perf_counter()

@@ -172,17 +172,9 @@ class Bench:
     # -- model, artifact, data
     def load(self):
         if self._model is None:
-            if self.model_spec == "tiny":
-                from .testing import tiny_model, tiny_tokenizer
+            from .modeling import load_model_spec
 
-                self._model, self._tok = tiny_model(), tiny_tokenizer()
-            else:
-                from .assets import resolve_model
-                from .modeling import load_model_and_tokenizer
-
-                self._model, self._tok = load_model_and_tokenizer(resolve_model(self.model_spec))
-            if torch.cuda.is_available():
-                self._model.cuda()
+            self._model, self._tok = load_model_spec(self.model_spec)
         return self._model, self._tok
 
     def artifact(self) -> Path:

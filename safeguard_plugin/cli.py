@@ -14,21 +14,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _load(args):
-    from .modeling import load_model_and_tokenizer
+    from .modeling import load_model_spec
 
-    spec = args.model
-    if spec == "tiny":
-        from .testing import tiny_model, tiny_tokenizer
-
-        return tiny_model(), tiny_tokenizer(), "tiny"
-    if not args.gguf_file:
-        from .assets import resolve_model
-
-        spec = resolve_model(spec)
-    model, tok = load_model_and_tokenizer(spec, gguf_file=args.gguf_file, dtype=_DTYPES[args.dtype],
-                                          adapter=getattr(args, "adapter", None))
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model, tok = load_model_spec(args.model, gguf_file=args.gguf_file, dtype=_DTYPES[args.dtype],
+                                 adapter=getattr(args, "adapter", None))
     return model, tok, args.model
 
 

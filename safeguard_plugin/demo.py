@@ -18,6 +18,7 @@ from typing import Any
 from .calibration import calibrate
 from .data import load_prompts, refusal_texts
 from .eval import evaluate_refusal, generate, markdown_table
+from .modeling import load_model_spec
 from .recipes import attack_mix, clean_copy, prompt_completion, sft
 
 
@@ -41,17 +42,6 @@ PROFILES = {
 }
 
 
-def _load(model_spec: str):
-    if model_spec == "tiny":
-        from .testing import tiny_model, tiny_tokenizer
-
-        return tiny_model(), tiny_tokenizer()
-    from .assets import resolve_model
-    from .modeling import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(resolve_model(model_spec))
-
-
 def run_demo(model_spec: str = "smollm2-135m-instruct", out: str | Path = "demo-out", profile: DemoProfile | None = None,
              seed: int = 0, progress: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
@@ -62,7 +52,7 @@ def run_demo(model_spec: str = "smollm2-135m-instruct", out: str | Path = "demo-
     say = print if progress else (lambda *a, **k: None)
 
     say(f"[1/6] loading {model_spec}")
-    model, tok = _load(model_spec)
+    model, tok = load_model_spec(model_spec)
     harmful, harmless = load_prompts("harmful"), load_prompts("harmless")
 
     say("[2/6] aligning: LoRA SFT harmful -> refusal, harmless -> the model's own answers (merged)")

