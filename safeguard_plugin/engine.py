@@ -3,15 +3,16 @@ penalties into gradients, runs after-step edits, guards against NaN, and reports
 
 Loss routes (both tested to give the same weights):
 
-* ``inject`` (callbacks, plugins): at the last hooked decoder layer the summed penalty ``P`` is attached to
-  that layer's output through an identity autograd function whose backward also sends ``scale`` to ``P``.
+* ``inject`` (callbacks, plugins): at the penalty point the summed penalty ``P`` is attached to the
+  activation there through an identity autograd function whose backward also sends ``scale`` to ``P``.
   The gradient is then that of ``loss + P/GA``, whatever the trainer does with the loss (TRL 1.16 builds its
   loss from fused log-probs, not ``outputs.loss``).
 * ``collect`` (trainer mixin): the penalty tensor is kept and the trainer adds it to the loss it returns.
 
-Penalty point: the last hooked decoder layer; or, when a constraint sets ``uses_final_hidden``, the output of
-the model's final norm (the LM head's input), with the trainer's forward kwargs (labels, attention mask)
-captured by a pre-hook on the model. There a constraint may ask for a no-grad forward of the original weights
+Penalty point: the output of the model's final norm (the LM head's input; outside the decoder layers, so outside
+any gradient-checkpointed region — decoder-layer hooks only store activations), or the last hooked decoder layer
+when a model has no recognisable final norm. Constraints that set ``uses_final_hidden`` get the final hidden
+states and the trainer's forward kwargs (labels, attention mask) captured by a pre-hook on the model. There a constraint may ask for a no-grad forward of the original weights
 on (part of) the batch (``BatchView.reference_hidden``): under PEFT the adapter-disabled model, no copy.
 """
 
