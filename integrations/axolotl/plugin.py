@@ -86,8 +86,10 @@ def ensure_artifact(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, token
         LOG.info("safeguard: artifact %s not found; calibrating %s on the shipped harmful/harmless prompt sets "
                  "(cached there for later runs)", path, cfg.get("base_model"))
         with model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
+            # only what this block uses (e.g. GuardSpace needs the base model before LoRA and is heavy)
             art = calibrate(model, tokenizer, load_prompts("harmful"), load_prompts("harmless"), path,
-                            model_id=str(cfg.get("base_model")), progress=True)
+                            model_id=str(cfg.get("base_model")), constraints=list(sg.constraint_configs()),
+                            progress=True)
         LOG.info("safeguard: wrote artifact\n%s", art.summary())
     if multi:
         dist.barrier()
