@@ -29,6 +29,15 @@ def results_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -48,10 +57,7 @@ def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[
     ax.set_ylabel("harmful-prompt refusal (%)")
     ax.set_title("Safety vs utility (up and right is better)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    files.append(out / "refusal_vs_accuracy.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, out / "refusal_vs_accuracy.png"))
     # 2. refusal vs harmful ratio
     methods = sorted({r["method"] for r in runs if r["method"] != "base"})
     ratios = sorted({r["ratio"] for r in runs if r["method"] != "base"})
@@ -67,10 +73,7 @@ def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[
     ax.set_title("Refusal vs harmful ratio" + (" (single ratio in this profile)" if len(ratios) < 2 else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    files.append(out / "refusal_vs_ratio.png")
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+    files.append(_save(fig, out / "refusal_vs_ratio.png"))
     # 3. penalty and drift over steps
     constrained = [r for r in full_runs if r.get("log_history") and any(
         k.startswith("safeguard/") for h in r["log_history"] for k in h)]
@@ -90,10 +93,7 @@ def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        files.append(out / "penalty_drift.png")
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
+        files.append(_save(fig, out / "penalty_drift.png"))
     return files
 
 

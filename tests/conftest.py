@@ -36,3 +36,11 @@ def chat_rows():
     return [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
              "completion": [{"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
             for a in range(8) for b in range(4)]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty asset/data cache (``SAFEGUARD_CACHE``) for this test."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SAFEGUARD_CACHE", str(root))
+    return root

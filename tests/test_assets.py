@@ -44,13 +44,6 @@ class FakeDownloader:
         return wheel
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("SAFEGUARD_CACHE", str(root))
-    return root
-
-
 def _register(
     monkeypatch: pytest.MonkeyPatch, sha256: str, size: int = len(BLOB), name: str = "fake"
 ) -> ModelAsset:
