@@ -110,10 +110,12 @@ def tokenizer_hash(tokenizer) -> str:
 class Artifact:
     """In-memory view of an artifact folder: manifest + named tensor components."""
 
-    def __init__(self, manifest: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]], path: Path | None = None):
+    def __init__(self, manifest: dict[str, Any], tensors: dict[str, dict[str, torch.Tensor]], path: Path | None = None,
+                 files: dict[str, bytes] | None = None):
         self.manifest = manifest
         self.tensors = tensors
         self.path = path
+        self.files: dict[str, bytes] = dict(files or {})  # extra files by relative path (e.g. an SAELens SAE folder)
 
     # -- construction
     @classmethod
@@ -139,6 +141,20 @@ class Artifact:
     def has(self, name: str) -> bool:
         return name in self.manifest["components"]
 
+    def add_file(self, relpath: str, data: bytes) -> None:
+        """Keep an extra file (relative path inside the artifact folder), written by :meth:`save` and checked by
+        sha256 on :meth:`load`."""
+        rel = Path(relpath)
+        if rel.is_absolute() or ".." in rel.parts or rel.name in (MANIFEST,):
+            raise ValueError(f"artifact file path must be relative and inside the folder: {relpath}")
+        self.files[rel.as_posix()] = bytes(data)
+        self.manifest.setdefault("files", {})[rel.as_posix()] = hashlib.sha256(data).hexdigest()
+
+    def read_file(self, relpath: str) -> bytes:
+        if relpath not in self.files:
+            raise ArtifactError(f"artifact {self.path or ''} has no file '{relpath}'")
+        return self.files[relpath]
+
     def component(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if not self.has(name):
             have = ", ".join(self.manifest["components"]) or "none"
@@ -156,6 +172,9 @@ class Artifact:
         try:
             for name, tensors in self.tensors.items():
                 save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"component": name})
+            for rel, data in self.files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
             if out.exists():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -189,7 +208,16 @@ class Artifact:
             if not f.is_file():
                 raise ArtifactError(f"artifact component '{name}' is missing its tensor file {f}")
             tensors[name] = load_file(str(f))
-        return cls(manifest, tensors, path)
+        files = {}
+        for rel, digest in manifest.get("files", {}).items():
+            f = path / rel
+            if not f.is_file():
+                raise ArtifactError(f"artifact file {f} is missing (listed in the manifest)")
+            data = f.read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest (modified or corrupt)")
+            files[rel] = data
+        return cls(manifest, tensors, path, files)
 
     # -- checks
     def check_model(self, model: torch.nn.Module, tokenizer=None, strict: bool = True) -> list[str]:

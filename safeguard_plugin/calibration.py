@@ -46,6 +46,8 @@ class CalibrationContext:
     select_frac: float = 0.5
     late_layer_cut: float = 0.2
     cache: dict = field(default_factory=dict)
+    base_model: torch.nn.Module | None = None  # the pre-alignment checkpoint (CWAC's alignment-delta subspace)
+    constraint_configs: dict = field(default_factory=dict)  # {constraint name: config section} for calibration options
 
 
 @torch.no_grad()
@@ -139,7 +141,8 @@ def refusal_direction(ctx: CalibrationContext, artifact: Artifact) -> None:
 
 
 def calibrate(model, tokenizer, harmful: PromptSet, harmless: PromptSet, out_dir: str | Path, model_id: str,
-              constraints: list[str] | None = None, batch_size: int = 16, progress: bool = True) -> Artifact:
+              constraints: list[str] | None = None, batch_size: int = 16, progress: bool = True,
+              base_model=None, constraint_configs: dict | None = None) -> Artifact:
     """Run every requested constraint's calibration and write the artifact atomically."""
     from .registry import available_constraints
 
@@ -157,7 +160,8 @@ def calibrate(model, tokenizer, harmful: PromptSet, harmless: PromptSet, out_dir
         "harmless": {"source": harmless.source, "sha256": sha256_text(harmless.train + harmless.heldout),
                      "n_train": len(harmless.train), "n_heldout": len(harmless.heldout)},
     }
-    ctx = CalibrationContext(model, tokenizer, harmful, harmless, batch_size=batch_size, progress=progress)
+    ctx = CalibrationContext(model, tokenizer, harmful, harmless, batch_size=batch_size, progress=progress,
+                             base_model=base_model, constraint_configs=dict(constraint_configs or {}))
     for n in names:
         registry[n].calibrate(ctx, artifact)
     artifact.save(out_dir)

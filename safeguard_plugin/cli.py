@@ -37,8 +37,19 @@ def cmd_calibrate(args) -> int:
     harmless = load_prompts(args.harmless, limit=args.limit)
     model, tok, model_id = _load(args)
     constraints = args.constraints.split(",") if args.constraints else None
+    configs = {}
+    if args.config:
+        from .config import load_config
+
+        configs = load_config(args.config).constraint_configs()
+        constraints = constraints or list(configs)
+    base = None
+    if args.base_model:
+        from .modeling import load_model_spec
+
+        base, _ = load_model_spec(args.base_model, dtype=_DTYPES[args.dtype])
     art = calibrate(model, tok, harmful, harmless, args.out, model_id=model_id, constraints=constraints,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, base_model=base, constraint_configs=configs)
     print(art.summary())
     return 0
 
@@ -103,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--harmless", default="harmless", help="shipped set name, JSONL/CSV path or HF dataset id")
     c.add_argument("--constraints", help="comma-separated constraints to calibrate for (default: all registered)")
     c.add_argument("--limit", type=int, help="use at most this many prompts of each set")
+    c.add_argument("--config", help="safeguard YAML: calibrate its constraints with their calibration options")
+    c.add_argument("--base-model", help="pre-alignment checkpoint of --model (cwac's alignment-delta subspace)")
     c.add_argument("--batch-size", type=int, default=16)
     c.set_defaults(func=cmd_calibrate)
 
