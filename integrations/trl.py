@@ -29,6 +29,8 @@ from ..modeling import is_peft_model, unwrap_model
 
 logger = logging.getLogger("safeguard_plugin")
 
+GUARDSPACE_SUBDIR = "guardspace"  # <checkpoint or output dir>/guardspace: save_guardspace's folder (projector kept)
+
 __all__ = ["SafeguardCallback", "SafeguardTrainerMixin", "SafeguardSFTTrainer", "loss_is_scaled_for_ga"]
 
 
@@ -69,6 +71,8 @@ class SafeguardCallback(TrainerCallback):
         self.precompute_references = precompute_references
         self.trainer = None
         self._log_wrapped = False
+        self.log = logger  # the Axolotl plugin routes messages to a logger Axolotl shows
+        self.save_adapters_at_train_end = True  # False when the caller saves them itself (Axolotl plugin)
 
     # -- binding
     def _bind(self, trainer, model, tokenizer) -> None:
@@ -144,9 +148,35 @@ class SafeguardCallback(TrainerCallback):
             logger.warning("safeguard: stopping training at step %d: %s", state.global_step, self.engine.stop_reason)
             control.should_training_stop = True
 
+    def save_adapters(self, folder: str | os.PathLike) -> list[str]:
+        """Write the modules a constraint added (GuardSpace: ``save_guardspace``, which keeps the null-space
+        projector and exports a standard PEFT adapter with it folded in) to ``folder``; returns the folders written.
+
+        A plain PEFT / Trainer save of a GuardSpace model drops the projector and the residual: that adapter,
+        loaded on the original base model, gives a different model than the one trained.
+        """
+        written = []
+        for c in self.engine.constraints:
+            save = getattr(c, "save_pretrained", None)
+            model = getattr(c, "_model", None)
+            if not callable(save) or model is None:
+                continue
+            if any(hasattr(p, "ds_id") for p in model.parameters()):
+                self.log.warning("safeguard: %s adapters are partitioned (DeepSpeed ZeRO-3) and were NOT saved to %s",
+                                 c.name, folder)
+                continue
+            path = save(folder)
+            self.log.info("safeguard: saved %s adapters (projector included) to %s; reload with "
+                          "load_guardspace(base_model, %r) or PeftModel.from_pretrained(base_model, %r)",
+                          c.name, path, str(path), str(path))
+            written.append(str(path))
+        return written
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.engine.save_state(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.engine.save_state(ckpt)
+            self.save_adapters(os.path.join(ckpt, GUARDSPACE_SUBDIR))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._log_wrapped and logs is not None and "loss" in logs:
@@ -156,7 +186,10 @@ class SafeguardCallback(TrainerCallback):
                 state.log_history[-1].update(m)
 
     def on_train_end(self, args, state, control, **kwargs):
-        pass
+        # the trainer's own final save (save_model after train()) would drop GuardSpace's projector: a subfolder
+        # it never writes to keeps the complete adapter
+        if self.save_adapters_at_train_end and state.is_world_process_zero:
+            self.save_adapters(os.path.join(args.output_dir, GUARDSPACE_SUBDIR))
 
 
 class SafeguardTrainerMixin:

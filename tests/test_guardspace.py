@@ -267,3 +267,38 @@ def test_trl_callback_injects_and_trains_adapters_only(gs_art, tok, chat_rows, t
         assert not layer.base_layer.weight.requires_grad
     assert any("safeguard/guardspace_update_norm" in h for h in tr.state.log_history)
     assert gs.null_space_report()["0.self_attn.q_proj"]["null_dim"] > 0
+
+
+def test_trl_callback_saves_guardspace_at_checkpoints_and_train_end(gs_art, tok, chat_rows, batch, tmp_path, caplog):
+    """Nothing for the user to do: checkpoint-N/guardspace and <output_dir>/guardspace hold the trained model, projector
+    included, while the trainer's own adapter files (which lack the projector) are left as they are for resuming."""
+    import logging
+
+    from helpers import train
+
+    _, path = gs_art
+    m = model()
+    cfg = {"artifact": str(path), "guardspace": {"rank": RANK}}
+    with caplog.at_level(logging.INFO, logger="safeguard_plugin"):
+        tr, _ = train("callback", chat_rows, tok, tmp_path, cfg, model=m, max_steps=3, save_strategy="steps",
+                      save_steps=2)
+    trained = logits(m, batch)
+    final, ckpt = tmp_path / "guardspace", tmp_path / "checkpoint-2" / "guardspace"
+    assert f"saved guardspace adapters (projector included) to {final}" in caplog.text
+    assert f"to {ckpt}" in caplog.text and (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
+    re = load_guardspace(model(), final)
+    assert (logits(re, batch) - trained).abs().max() < 1e-5
+    assert (logits(PeftModel.from_pretrained(model(), final), batch) - trained).abs().max() < 1e-4
+    # the step-2 checkpoint is another model (one more step was taken after it)
+    assert (logits(load_guardspace(model(), ckpt), batch) - trained).abs().max() > 1e-4
+    # without the projector (what a plain LoRA save keeps: A, B on the original base) the outputs differ
+    gs = guardspace_layers(re)
+    naive = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=sorted(
+        f"model.layers.{k}" for k in gs), init_lora_weights=False), model())
+    with torch.no_grad():
+        for k, layer in guardspace_layers(m).items():
+            i, _, name = k.partition(".")
+            tgt = naive.model.layers[int(i)].get_submodule(name)
+            tgt.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
+            tgt.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
+    assert (logits(naive, batch) - trained).abs().max() > 1e-3
