@@ -160,11 +160,22 @@ def param_shape(param: torch.Tensor) -> torch.Size:
 def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
     """Full values of ZeRO-3 params inside the block (collective; a no-op for ordinary tensors). With
     ``modifier_rank`` the values that rank writes are re-partitioned on exit."""
-    z3 = [p for p in params if p is not None and is_zero3(p)]
-    if not z3:
+    params = list(params)
+    any_z3 = any(p is not None and is_zero3(p) for p in params)
+    if not any_z3:
         yield
         return
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # A param DeepSpeed already holds (prefetched for a module that runs next) is used as it is and left to DeepSpeed
+    # to release: freeing it here would break that module. Prefetching follows the same trace on every rank, so
+    # every rank gathers the same params.
+    z3 = [p for p in params if p is not None and is_zero3(p)
+          and (modifier_rank is not None or p.ds_status == ZeroParamStatus.NOT_AVAILABLE)]
+    if not z3:
+        yield
+        return
 
     with deepspeed.zero.GatheredParameters(z3, modifier_rank=modifier_rank):
         yield

@@ -32,6 +32,15 @@ from torch import nn
 from .artifacts import Artifact
 from .config import SafeguardConfig, load_config
 from .constraints.base import BatchView, Constraint, OutputHead, TrainContext
+from .distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    gathered,
+    is_distributed,
+    sync_folder,
+    world_size,
+    zero3_active,
+)
 from .modeling import (
     StopForward,
     capture_layers,
@@ -112,6 +121,51 @@ def output_head(model: nn.Module) -> OutputHead:
                       getattr(cfg, "final_logit_softcapping", None))
 
 
+def _fingerprint_params(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters the artifact fingerprint reads: input embedding, first and last decoder layer."""
+    try:
+        blocks = find_decoder_layers(model)
+    except Exception:  # noqa: BLE001 - check_model reports the real problem
+        return []
+    return [model.get_input_embeddings().weight, *blocks[0].parameters(), *blocks[-1].parameters()]
+
+
+def _response_tokens(batch: BatchView) -> int:
+    """Trained (label != -100) next-token positions of a micro-batch (0 without labels)."""
+    try:
+        return int(batch.next_token_targets()[0].sum())
+    except RuntimeError:
+        return 0
+
+
+def check_quantized_device(model: nn.Module) -> None:
+    """bitsandbytes 4-/8-bit base weights on CPU: fail with what is unsupported instead of a kernel error later."""
+    quant = [n for n, p in model.named_parameters() if type(p).__name__ in ("Params4bit", "Int8Params")]
+    if not quant and not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return
+    on_cpu = any(p.device.type == "cpu" for n, p in model.named_parameters() if n in set(quant)) or not quant
+    if on_cpu or not torch.cuda.is_available():
+        raise SafeguardRuntimeError(
+            "QLoRA / bitsandbytes-quantized base weights on CPU are not supported: bitsandbytes 4-bit training, the "
+            "reference forwards and GuardSpace/CWAC calibration of quantized weights need a CUDA GPU. On CPU load the "
+            "model unquantized (torch_dtype=float32 or bfloat16) with a LoRA adapter."
+        )
+
+
+def _check_same_artifact(artifact: Artifact) -> None:
+    """Every rank loaded the same artifact (same manifest), else fail on every rank."""
+    import json
+
+    digest = hashlib.blake2b(json.dumps(artifact.manifest, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+    ref = broadcast_object(digest)
+    same = all_reduce_sum([0.0 if digest == ref else 1.0])
+    if same[0]:
+        raise SafeguardRuntimeError(
+            f"the safeguard artifact {artifact.path} differs between ranks ({int(same[0])} rank(s) differ from rank 0): "
+            "give every node the same folder (or none: rank 0's is then copied over)"
+        )
+
+
 class SafeguardEngine:
     """Framework-free runtime for a set of constraints.
 
@@ -150,6 +204,8 @@ class SafeguardEngine:
         self._pending: torch.Tensor | None = None
         self._backward_seen = 0
         self._cache: dict[str, dict[bytes, torch.Tensor]] = {}
+        self._world = 1  # ranks whose gradients the trainer averages (DDP / DeepSpeed)
+        self._collective_forwards = False  # ZeRO-3 with > 1 rank: every rank must run the same forwards
         # counters
         self.n_forward = 0
         self.n_rows = 0
@@ -169,10 +225,17 @@ class SafeguardEngine:
             self.detach()
         self.model = unwrap_model(model)
         self.tokenizer = tokenizer
+        check_quantized_device(self.model)
         if self.artifact is None and self.config.artifact:
+            if is_distributed():  # no shared filesystem assumed: ranks that do not see the folder get rank 0's
+                sync_folder(self.config.artifact)
             self.artifact = Artifact.load(self.config.artifact)
+            if is_distributed():
+                _check_same_artifact(self.artifact)
         if self.artifact is not None:
-            for w in self.artifact.check_model(self.model, tokenizer, strict=self.config.strict_fingerprint):
+            with gathered(_fingerprint_params(self.model)):  # model built under ZeRO-3 zero.Init: partitioned
+                problems = self.artifact.check_model(self.model, tokenizer, strict=self.config.strict_fingerprint)
+            for w in problems:
                 warnings.warn(f"safeguard: {w}", stacklevel=2)
             self._suffix = list(self.artifact.manifest["tokenizer"].get("post_instruction_ids", []))
         self.constraints = [get_constraint(name)(cfg, self.artifact) for name, cfg in self.config.constraint_configs().items()]
@@ -298,6 +361,8 @@ class SafeguardEngine:
             valid = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
             n_valid = 0
         if n_valid == 0 and hidden is None:
+            if self._world > 1:
+                all_reduce_sum([0.0, 0.0])  # this rank's share of the global counts (collective)
             return h
         acts = {}
         if n_valid:
@@ -316,13 +381,24 @@ class SafeguardEngine:
             batch.engine = self
         if n_valid and self._prompt_ref_users():
             self._attach_reference(batch, ids, pos, valid)
-        total = None
+        if self._world > 1:
+            # Per-rank counts that normalise the penalties, summed over ranks: with them a constraint's per-rank
+            # penalty, averaged over ranks by DDP / DeepSpeed, equals the single-process penalty of the whole batch.
+            rows = batch.ref_valid if batch.ref_valid is not None else batch.valid
+            g = all_reduce_sum([float(rows.sum()), float(_response_tokens(batch)) if hidden is not None else 0.0])
+            batch.world_size, batch.global_rows, batch.global_tokens = self._world, float(g[0]), float(g[1])
         for c in self.constraints:
-            if not n_valid and not c.uses_final_hidden:
-                continue  # no post-instruction positions in this micro-batch
-            p = c.penalty(batch)
-            if p is not None:
-                total = p if total is None else total + p
+            if n_valid or c.uses_final_hidden:
+                c.prefetch(batch)  # extra forwards, before the LM head is gathered
+        head = [batch.head.weight, batch.head.bias] if batch.head is not None else []
+        total = None
+        with gathered(head):  # ZeRO-3: the LM head is partitioned outside its own forward (collective gather)
+            for c in self.constraints:
+                if not n_valid and not c.uses_final_hidden:
+                    continue  # no post-instruction positions in this micro-batch
+                p = c.penalty(batch)
+                if p is not None:
+                    total = p if total is None else total + p
         if total is None:
             return h
         total = total.float()
@@ -356,7 +432,12 @@ class SafeguardEngine:
         keys = self._keys(ids, pos, valid)
         missing = [i for i, k in enumerate(keys) if k is not None and any(k not in self._cache.get(c.name, {})
                                                                            for c in self._prompt_ref_users())]
-        if missing and (is_peft_model(self.model) or self.optimizer_steps_seen == 0):
+        if missing and self._collective_forwards:
+            warnings.warn(f"safeguard: {len(missing)} training example(s) have no precomputed reference value; under "
+                          "ZeRO-3 with several ranks they cannot be filled lazily (forwards are collective), so their "
+                          "penalty is skipped (counted in safeguard/reference_missing). Keep precompute_references on.",
+                          stacklevel=2)
+        elif missing and (is_peft_model(self.model) or self.optimizer_steps_seen == 0):
             # the original weights are still reachable (adapter disabled, or no update yet): fill lazily
             ends = (pos[:, -1] + 1).tolist()
             self._compute_references([ids[i, : ends[i]].tolist() for i in missing])
@@ -479,10 +560,12 @@ class SafeguardEngine:
         logits are built). ``kwargs``: attention_mask / position_ids. Counted in ``n_reference_forwards``."""
         norm = self._final_norm if self._final_norm is not None else find_final_norm(self.model)
         store: dict[str, torch.Tensor] = {}
+        z3 = zero3_active(self.model)
 
         def grab(_mod, _inp, out):
             store["h"] = out[0] if isinstance(out, tuple) else out
-            raise StopForward
+            if not z3:  # ZeRO-3 prefetches along the modules of a full forward: never cut one short there
+                raise StopForward
 
         kwargs.pop("use_cache", None)
         with self.reference():
@@ -571,9 +654,21 @@ class SafeguardEngine:
     # ---------------------------------------------------------------------------------------- lifecycle
     def begin_training(self, max_steps: int, grad_accum: int, global_step: int = 0) -> None:
         self.max_steps, self.grad_accum, self.global_step = int(max_steps), max(1, int(grad_accum)), int(global_step)
+        self.sync_distributed()
         ctx = self.context()
         for c in self.constraints:
             c.prepare(ctx)
+
+    def sync_distributed(self) -> None:
+        """Read the process-group set-up (called by ``begin_training``, after the trainer wrapped the model)."""
+        self._world = world_size()
+        self._collective_forwards = self._world > 1 and zero3_active(self.model)
+
+    @property
+    def collective_forwards(self) -> bool:
+        """ZeRO-3 with several ranks: forwards gather parameters collectively, so every rank must run the same
+        sequence of (reference) forwards."""
+        return self._collective_forwards
 
     def context(self) -> TrainContext:
         return TrainContext(model=self.model, engine=self, max_steps=self.max_steps, global_step=self.global_step)
@@ -612,7 +707,9 @@ class SafeguardEngine:
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for c in self.constraints:
-            out.update({f"safeguard/{k}": float(v) for k, v in c.metrics().items()})
+            params = [p for p in self.model.parameters() if p.requires_grad] if c.metrics_read_params else []
+            with gathered(params):  # ZeRO-3 (collective: trainers log on every rank)
+                out.update({f"safeguard/{k}": float(v) for k, v in c.metrics().items()})
         if self._pen_n:
             out["safeguard/penalty"] = self._pen_sum / self._pen_n
         out["safeguard/nan_skipped"] = float(self.nan_skipped)

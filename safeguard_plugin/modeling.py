@@ -64,7 +64,11 @@ def reference_mode(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture_layers(model: nn.Module, layers: Sequence[int], stop_after_last: bool = True) -> Iterator[dict[int, torch.Tensor]]:
-    """Capture decoder-layer outputs ``{layer: (B, T, d)}``; optionally stop the forward after the last one."""
+    """Capture decoder-layer outputs ``{layer: (B, T, d)}``; optionally stop the forward after the last one (not under
+    DeepSpeed ZeRO-3, whose parameter prefetching expects every forward to run the same modules to the end)."""
+    from .distributed import zero3_active
+
+    stop_after_last = stop_after_last and not zero3_active(model)
     blocks = find_decoder_layers(model)
     store: dict[int, torch.Tensor] = {}
     last = max(layers)

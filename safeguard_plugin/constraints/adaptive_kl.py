@@ -188,6 +188,13 @@ class _HeadObjective(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------ the constraint
+def _live_rows(kl_rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Rows of the live reference forward and its length (up to their last response token)."""
+    rid = kl_rows.nonzero().flatten()
+    m_sub = mask[rid.to(mask.device)]
+    return rid, int((m_sub * torch.arange(1, m_sub.shape[1] + 1, device=m_sub.device)).max())
+
+
 def _example_key(tokens: torch.Tensor, trained: torch.Tensor) -> bytes:
     h = hashlib.blake2b(tokens.to(torch.int64).numpy().tobytes(), digest_size=16)
     h.update(trained.to(torch.uint8).numpy().tobytes())
@@ -350,6 +357,7 @@ class AdaptiveKL(Constraint):
     def _precompute_reference(self, rows, batch_size: int, progress: bool) -> int:
         from tqdm.auto import tqdm
 
+        from ..distributed import gathered, param_shape
         from ..engine import output_head
         from ..modeling import pad_right
 
@@ -357,7 +365,8 @@ class AdaptiveKL(Constraint):
             return 0
         engine = self._engine
         head = output_head(engine.model)
-        k = min(self.config.ref_top_k, head.weight.shape[0] - 1)
+        vocab = param_shape(head.weight)[0]
+        k = min(self.config.ref_top_k, vocab - 1)
         device = next(engine.model.parameters()).device
         rows = sorted(rows, key=lambda r: len(r[1]))
         for s in tqdm(range(0, len(rows), batch_size), desc="safeguard: adaptive_kl reference log-probs", unit="batch",
@@ -372,13 +381,17 @@ class AdaptiveKL(Constraint):
             h = engine.reference_hidden(ids.to(device), attention_mask=mask.to(device))
             sel = h[tmask.to(h.device)]
             idx_l, lp_l, lpT_l = [], [], []
-            for c0 in range(0, sel.shape[0], self._chunk(head.weight.shape[0])):
-                z = head.logits(sel[c0: c0 + self._chunk(head.weight.shape[0])])
-                lse = torch.logsumexp(z, -1, keepdim=True)
-                top, idx = z.topk(k, -1)
-                idx_l.append(idx.to(torch.int32).cpu())
-                lp_l.append((top - lse).cpu())
-                lpT_l.append((torch.logsumexp(z.scatter(1, idx, float("-inf")), -1) - lse.squeeze(1)).cpu())
+            step = self._chunk(vocab)
+            # ZeRO-3: the LM head is partitioned outside its own forward; gathered after the forward (collective: every
+            # rank runs the same rows), since a forward re-partitions parameters gathered around it
+            with gathered([head.weight, head.bias]):
+                for c0 in range(0, sel.shape[0], step):
+                    z = head.logits(sel[c0: c0 + step])
+                    lse = torch.logsumexp(z, -1, keepdim=True)
+                    top, idx = z.topk(k, -1)
+                    idx_l.append(idx.to(torch.int32).cpu())
+                    lp_l.append((top - lse).cpu())
+                    lpT_l.append((torch.logsumexp(z.scatter(1, idx, float("-inf")), -1) - lse.squeeze(1)).cpu())
             idx_all, lp_all, lpT_all = torch.cat(idx_l), torch.cat(lp_l), torch.cat(lpT_l)
             counts = tmask.sum(1).tolist()
             off = 0
@@ -437,17 +450,18 @@ class AdaptiveKL(Constraint):
                 dev = batch.hidden.device
                 ref_idx, ref_lp, ref_lpT = (torch.cat([r[i] for r in cached]).to(dev) for i in range(3))
         elif kl_rows.any():  # live: adapter-disabled forward of the KL rows, up to their last response token
-            rid = kl_rows.nonzero().flatten()
+            rid, last = _live_rows(kl_rows, mask)
+            ref_hidden = batch.reference_hidden(rid, length=last)  # usually run (and cached) by prefetch
             m_sub = mask[rid.to(mask.device)]
-            last = int((m_sub * torch.arange(1, m_sub.shape[1] + 1, device=m_sub.device)).max())
-            ref_hidden = batch.reference_hidden(rid, length=last)
             ref_h = ref_hidden[m_sub[:, :last].to(ref_hidden.device)].to(batch.hidden.device)
             self.n_ref_forwards += 1
             p["ref"] += 1
         c_row = torch.where(kl_rows, c_row, torch.zeros_like(c_row))
         dev = batch.hidden.device
-        coef_a = (a_row / N).to(dev).unsqueeze(1).expand_as(mask)
-        coef_c = (c_row / N).to(dev).unsqueeze(1).expand_as(mask)
+        # several ranks: N = global response tokens / world size, as the trainer's CE (num_items_in_batch × ranks)
+        Nd = batch.tokens_denominator(N)
+        coef_a = (a_row / Nd).to(dev).unsqueeze(1).expand_as(mask)
+        coef_c = (c_row / Nd).to(dev).unsqueeze(1).expand_as(mask)
         kl_m = mask & kl_rows.to(dev).unsqueeze(1)
         ce_m = mask & ~kl_rows.to(dev).unsqueeze(1) & (a_row != 0).to(dev).unsqueeze(1)
         total = None
@@ -465,6 +479,27 @@ class AdaptiveKL(Constraint):
                 p["kl_n"] += n
             total = val if total is None else total + val
         return total
+
+    def prefetch(self, batch: BatchView) -> None:
+        """Live reference: run the adapter-disabled forward of the KL rows before the engine gathers the LM head
+        (under ZeRO-3 a forward re-partitions parameters gathered around it). Forwards are collective under ZeRO-3
+        with several ranks, so there a rank whose micro-batch needs none runs a one-token one (result unused)."""
+        if batch.hidden is None or (batch.labels is None and batch.forward_kwargs.get("shift_labels") is None):
+            return
+        self._bind(batch.engine)
+        if self._mode != "live":
+            return
+        rows = self._rows(batch.input_ids, batch.labels, batch.attention_mask)
+        self._score(rows)
+        w_sft, w_kl = risk_weights(self.risk_of(rows), self.config.risk_floor)
+        mask = batch.next_token_targets()[0]
+        n_row = mask.sum(1).cpu()
+        kl_rows = (w_kl > 0) & (n_row > 0)
+        if int(n_row.sum()) and bool(((w_sft != 1) | (w_kl != 0)).any()) and bool(kl_rows.any()):
+            rid, last = _live_rows(kl_rows, mask)
+            batch.reference_hidden(rid, length=last)
+        elif batch.engine is not None and batch.engine.collective_forwards:
+            batch.reference_hidden(torch.zeros(1, dtype=torch.long), length=1)
 
     # -- logging and state
     def metrics(self) -> dict[str, float]:

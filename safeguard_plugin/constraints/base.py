@@ -112,7 +112,22 @@ class BatchView:
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
     head: OutputHead | None = None
     engine: SafeguardEngine | None = field(default=None, repr=False)
+    # Several ranks (DDP / DeepSpeed): the trainer averages gradients over ``world_size`` ranks, so a penalty that is a
+    # mean over rows / tokens must divide its local sum by (global count / world_size) to equal the single-process
+    # penalty of the whole batch. ``global_rows``: rows with a usable reference (``ref_valid``, else ``valid``) summed
+    # over ranks; ``global_tokens``: trained next-token positions summed over ranks. None in a single process.
+    world_size: int = 1
+    global_rows: float | None = None
+    global_tokens: float | None = None
     _ref_hidden: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def rows_denominator(self, local: float) -> float:
+        """Denominator of a per-row mean: ``local`` in one process, global rows / world size across ranks."""
+        return local if self.global_rows is None else self.global_rows / self.world_size
+
+    def tokens_denominator(self, local: float) -> float:
+        """Denominator of a per-token mean: ``local`` in one process, global tokens / world size across ranks."""
+        return local if self.global_tokens is None else self.global_tokens / self.world_size
 
     def next_token_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask, targets)``, both ``(B, T)``, aligned with ``hidden``: ``mask[b, t]`` is True where position
@@ -152,6 +167,8 @@ class Constraint:
     uses_reference: ClassVar[bool] = False
     prompt_reference: ClassVar[bool] = True  # with uses_reference: engine caches reference_values() per prompt
     uses_final_hidden: ClassVar[bool] = False  # penalty at the final hidden states (LM head input)
+    # metrics() reads trainable parameters (e.g. adapter factors): under ZeRO-3 the engine gathers them around it
+    metrics_read_params: ClassVar[bool] = False
 
     def __init__(self, config: ConstraintConfig, artifact: Artifact | None):
         self.config = config
@@ -202,6 +219,12 @@ class Constraint:
     def reference_values(self, acts: dict[int, torch.Tensor]) -> torch.Tensor:
         """Values to cache per example from original-model activations ``{layer: (n, P, d)}`` -> ``(n, ...)``."""
         raise NotImplementedError
+
+    def prefetch(self, batch: BatchView) -> None:
+        """Called before ``penalty`` for the same micro-batch, before the engine gathers the LM head (ZeRO-3): the
+        place for extra forwards (``batch.reference_hidden``, cached for ``penalty``). Under ZeRO-3 with several
+        ranks forwards are collective: every rank must run the same number of them here
+        (``batch.engine.collective_forwards``)."""
 
     def penalty(self, batch: BatchView) -> torch.Tensor | None:
         """Scalar penalty for this micro-batch (already weighted), or None when it does not apply."""

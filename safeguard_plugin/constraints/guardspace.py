@@ -687,6 +687,7 @@ class GuardSpace(Constraint):
 
     name = "guardspace"
     config_class = GuardSpaceConfig
+    metrics_read_params = True  # the update norm reads lora_A / lora_B (gathered under ZeRO-3 by the engine)
     requires = (COMPONENT,)
 
     def __init__(self, config: GuardSpaceConfig, artifact):

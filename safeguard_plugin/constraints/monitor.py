@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from ..distributed import broadcast_object, get_full_param, set_full_param
 from .base import Constraint, ConstraintConfig, TrainContext
 
 logger = logging.getLogger("safeguard_plugin")
@@ -111,7 +112,9 @@ class SafetyMonitor(Constraint):
         n = len(find_decoder_layers(model))
         if max(self._layers) >= n:
             raise ValueError(f"monitor: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
-        d = model.get_input_embeddings().weight.shape[-1]
+        from ..distributed import param_shape
+
+        d = param_shape(model.get_input_embeddings().weight)[-1]
         if self.r.shape[-1] != d:
             raise ValueError(f"monitor: artifact direction has dimension {self.r.shape[-1]}, the model's hidden size is {d}")
 
@@ -160,7 +163,7 @@ class SafetyMonitor(Constraint):
         self._restored = False
         self._snapshot = {}
         if self.config.action == "restore":
-            self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self._trainable(model)}
+            self._snapshot = {n: get_full_param(p).cpu() for n, p in self._trainable(model)}
 
     @staticmethod
     def _trainable(model: torch.nn.Module):
@@ -203,7 +206,8 @@ class SafetyMonitor(Constraint):
         if step % self.config.every_n_steps != 0 and not (ctx.max_steps and step >= ctx.max_steps):
             return
         c, base = self.config, self._baseline
-        m = self._measure(ctx.model, ctx.engine.tokenizer)
+        # every rank measures (under ZeRO-3 forwards are collective); rank 0's values decide on all ranks
+        m = broadcast_object(self._measure(ctx.model, ctx.engine.tokenizer))
         cos, drop, shift = m.mean_cosine, base.score - m.score, m.projection - base.projection
         self._pending = {"monitor_cosine": cos, "monitor_refusal_score": m.score, "monitor_score_drop": drop,
                          "monitor_projection_shift": shift}
@@ -223,7 +227,7 @@ class SafetyMonitor(Constraint):
             if self._snapshot:
                 with torch.no_grad():
                     for n, p in self._trainable(ctx.model):
-                        self._snapshot[n].copy_(p.detach())
+                        self._snapshot[n].copy_(get_full_param(p))
             return
         self._alerts += 1
         msg = f"safety monitor alert at step {step}: " + "; ".join(problems)
@@ -242,8 +246,8 @@ class SafetyMonitor(Constraint):
         missing = set(self._snapshot) - set(params)
         if missing:
             raise RuntimeError(f"monitor: cannot restore, parameters no longer trainable/present: {sorted(missing)[:5]}")
-        for n, saved in self._snapshot.items():
-            params[n].copy_(saved.to(params[n].device))
+        for n, saved in self._snapshot.items():  # the optimizer's (fp32 master) copy too under DeepSpeed
+            set_full_param(params[n], saved)
         self._restored = True
 
     def metrics(self) -> dict[str, float]:

@@ -80,7 +80,9 @@ class ProCon(Constraint):
         n = len(find_decoder_layers(model))
         if max(self._layers) >= n:
             raise ValueError(f"procon: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
-        d = model.get_input_embeddings().weight.shape[-1]
+        from ..distributed import param_shape
+
+        d = param_shape(model.get_input_embeddings().weight)[-1]
         if self.r.shape[-1] != d:
             raise ValueError(f"procon: artifact direction has dimension {self.r.shape[-1]}, the model's hidden size is {d}")
 
@@ -115,7 +117,10 @@ class ProCon(Constraint):
         ref = batch.reference[self.name][mask].to(proj.device)
         z = (proj - ref) / self.s.to(proj.device)
         lam = self.lam(batch.global_step, batch.max_steps)
-        pen = lam * z.pow(2).mean()
+        if batch.global_rows is None:
+            pen = lam * z.pow(2).mean()
+        else:  # several ranks: sum / (global rows / world size), so the rank-averaged gradient is the whole batch's
+            pen = lam * z.pow(2).sum() / (batch.rows_denominator(z.shape[0]) * z.shape[1] * z.shape[2])
         with torch.no_grad():
             self._sum_pen += float(pen)
             self._sum_drift += z.abs().mean(dim=(0, 2)).cpu()
