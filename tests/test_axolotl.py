@@ -30,6 +30,9 @@ from safetensors.torch import load_file  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 LORA_YAML = ROOT / "example_yamls" / "axolotl_lora_procon.yaml"
 FULL_YAML = ROOT / "example_yamls" / "axolotl_full_procon.yaml"
+GUARDSPACE_YAML = ROOT / "example_yamls" / "axolotl_lora_guardspace.yaml"
+QLORA_YAML = ROOT / "example_yamls" / "axolotl_qlora_adaptive_kl.yaml"
+KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
 PLUGIN = "safeguard_plugin.integrations.axolotl.SafeguardPlugin"
 BIN = Path(sys.executable).parent
 NOT_ACTIVE = "this Axolotl config has a `safeguard:` block, but the safeguard plugin is not active"
@@ -90,6 +93,7 @@ def run_dir(workspace: Path, name: str, cfg: dict) -> Path:
     d.mkdir()
     for item in ("tiny-model", "data.jsonl"):
         (d / item).symlink_to(workspace / item)
+    (d / "deepspeed_configs").symlink_to(ROOT / "example_yamls" / "deepspeed_configs")
     (d / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return d
 
@@ -179,15 +183,59 @@ def test_guard_refuses_block_only_without_the_plugin_field(registered_plugin):
     assert guard.new_schema_validator(None, SimpleNamespace, None, "BaseModel", None, {}) == (None, None, None)
 
 
-def test_gradient_checkpointing_is_refused_with_a_block():
+def test_gradient_checkpointing_is_made_non_reentrant():
+    """Axolotl defaults to reentrant checkpointing, whose no-grad forward hides the layer activations from the
+    constraints (the run would crash at the first step): the plugin picks non-reentrant, refuses an explicit true."""
     from axolotl.utils.dict import DictDefault
 
     from safeguard_plugin.integrations.axolotl.plugin import SafeguardPlugin
 
-    cfg = example(LORA_YAML)
-    SafeguardPlugin().pre_model_load(DictDefault(cfg))  # off: fine
-    with pytest.raises(ValueError, match="gradient_checkpointing: false"):
-        SafeguardPlugin().pre_model_load(DictDefault({**cfg, "gradient_checkpointing": True}))
+    cfg = DictDefault({**example(LORA_YAML), "gradient_checkpointing": True})
+    SafeguardPlugin().register(cfg)
+    assert cfg["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    SafeguardPlugin().pre_model_load(cfg)
+    for hook in ("register", "pre_model_load"):
+        bad = DictDefault({**example(LORA_YAML), "gradient_checkpointing": True,
+                           "gradient_checkpointing_kwargs": {"use_reentrant": True}})
+        with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs: \{use_reentrant: false\}"):
+            getattr(SafeguardPlugin(), hook)(bad)
+    plain_cfg = DictDefault({**example(LORA_YAML), "gradient_checkpointing": True})
+    del plain_cfg["safeguard"]
+    SafeguardPlugin().register(plain_cfg)  # no block: Axolotl's defaults are left alone
+    assert plain_cfg.get("gradient_checkpointing_kwargs") is None
+
+
+def test_guardspace_fused_kernels_are_switched_off_or_refused(workspace, registered_plugin, monkeypatch):
+    """Axolotl 0.19 turns its fused LoRA kernels on for `adapter: lora` (on CPU too: checked below through its own
+    validation); they bypass the LoRA forward, so with GuardSpace the plugin turns them off or names the keys."""
+    from axolotl.cli.config import gpu_capabilities
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+    from pydantic import ValidationError
+
+    from safeguard_plugin.integrations.axolotl.plugin import SafeguardPlugin
+
+    monkeypatch.chdir(workspace)
+    caps, env_caps = gpu_capabilities()
+    gs = example(GUARDSPACE_YAML)
+    assert not any(k in gs for k in (*KERNELS, "lora_embedding_kernel"))  # the example leaves them unset
+    procon = {k: v for k, v in example(LORA_YAML).items() if "kernel" not in k}
+    on = validate_config(DictDefault(copy.deepcopy(procon)), capabilities=caps, env_capabilities=env_caps)
+    assert all(on[k] is True for k in KERNELS)  # Axolotl's default without GuardSpace
+    # Python API (no register hook): the config-level validator switches them off
+    off = validate_config(DictDefault(copy.deepcopy(gs)), capabilities=caps, env_capabilities=env_caps)
+    assert all(off[k] is False for k in KERNELS)
+    # `axolotl train` path: register sees the YAML before validation
+    cfg = DictDefault(copy.deepcopy(gs))
+    SafeguardPlugin().register(cfg)
+    assert all(cfg[k] is False for k in KERNELS)
+    with pytest.raises(ValueError, match="lora_qkv_kernel, lora_mlp_kernel.*`lora_qkv_kernel: false`"):
+        SafeguardPlugin().register(DictDefault({**gs, "lora_qkv_kernel": True, "lora_mlp_kernel": True}))
+    with pytest.raises(ValueError, match="lora_o_kernel"):  # still on when the model is about to be built
+        SafeguardPlugin().pre_model_load(DictDefault({**gs, "lora_o_kernel": True}))
+    full = {k: v for k, v in gs.items() if not k.startswith("lora_") and k != "adapter"}
+    with pytest.raises(ValidationError, match="safeguard.guardspace: needs `adapter: lora`"):
+        validate_config(DictDefault(full), capabilities=caps, env_capabilities=env_caps)
 
 
 # ------------------------------------------------------------------------------------ (2) real LoRA runs
@@ -257,6 +305,23 @@ def test_zero_weight_is_bit_identical_to_no_block(workspace, env, lora_runs):
     assert max_diff(tensors(zero.out, name), tensors(lora_runs["plain"].out, name)) == 0.0
 
 
+def test_gradient_checkpointing_keeps_the_penalty(workspace, env, lora_runs):
+    """`gradient_checkpointing: true`: the penalty is logged every step and the adapter equals the run without
+    checkpointing (same seed), not the run without the block -- a lost penalty would give the latter."""
+    cfg = example(LORA_YAML)
+    cfg["gradient_checkpointing"] = True
+    run = lora_run(workspace, env, "checkpointing", cfg)
+    out = run.proc.output
+    assert "gradient checkpointing: non-reentrant (use_reentrant: false set by the plugin" in out
+    assert '"use_reentrant": false' in out  # Axolotl's resolved config
+    history = json.loads((run.out / "safeguard_run.json").read_text())["log_history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and history[-1]["safeguard/procon_loss"] > 1e-6
+    name = "adapter_model.safetensors"
+    gc, procon, plain = (tensors(r.out, name) for r in (run, lora_runs["procon"], lora_runs["plain"]))
+    d_procon, d_plain = max_diff(gc, procon), max_diff(gc, plain)
+    assert d_procon < 1e-2 * d_plain and d_plain > 1e-4, (d_procon, d_plain)
+
+
 # ------------------------------------------------------------------------ (3), (4) block without the plugin
 def test_block_without_plugin_fails_the_run(workspace, env):
     cfg = example(LORA_YAML)
@@ -300,6 +365,168 @@ def test_cli_calibrate_then_full_finetune(workspace, env):
     assert max_diff({k: trained[k] for k in base}, base) > 0
 
 
+# ------------------------------------------------------------------------------------ GuardSpace end to end
+@pytest.fixture(scope="module")
+def guardspace_run(workspace, env):
+    """The GuardSpace example as written (fused kernels left to the plugin), plus checkpoints at steps 2 and 4."""
+    cfg = example(GUARDSPACE_YAML)
+    cfg.update(save_strategy="steps", save_steps=2)
+    return lora_run(workspace, env, "guardspace", cfg)
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_guardspace_run_kernels_off_and_adapters_saved(guardspace_run):
+    run = guardspace_run
+    out = run.proc.output
+    assert "guardspace: fused LoRA kernels lora_qkv_kernel, lora_o_kernel, lora_mlp_kernel off (switched off by the " \
+           "plugin" in out
+    assert '"lora_qkv_kernel": false' in out  # Axolotl's resolved config
+    # GuardSpace calibrated on the pre-LoRA model, and its first-step check (projected lora_A called) passed
+    assert "not found; calibrating" in out and "guardspace" in (run.dir / "safeguard-artifacts/tiny-model-guardspace/"
+                                                                 "manifest.json").read_text()
+    summary = json.loads((run.out / "safeguard_run.json").read_text())
+    assert summary["optimizer_steps"] == 4 and summary["adapters"] == [str(Path(example(GUARDSPACE_YAML)["output_dir"]))]
+    assert all(h["safeguard/guardspace_update_norm"] > 0 for h in summary["log_history"])
+    for step in (2, 4):
+        assert f"saved guardspace adapters (projector included) to outputs/lora-guardspace/checkpoint-{step}/guardspace" \
+               in out
+        assert (run.out / f"checkpoint-{step}" / "guardspace" / "guardspace.safetensors").is_file()
+    # post_train runs twice; the second call (after Axolotl's own save) puts the complete adapter back
+    assert out.index("Model successfully saved to") < out.index("writing the GuardSpace adapter over the one Axolotl")
+    assert {"guardspace.safetensors", "guardspace.json", "adapter_model.safetensors"} <= {p.name for p in run.out.iterdir()}
+
+
+def test_guardspace_output_dir_reloads_the_trained_model(workspace, guardspace_run):
+    """load_guardspace(base, output_dir) == the trained model, rebuilt independently from what the trainer itself saved
+    at the last step (checkpoint-4: plain LoRA factors) + the artifact (residual, projector), as a resume would."""
+    from peft import PeftModel
+    from safetensors.torch import load_file as load_st
+    from transformers import AutoModelForCausalLM
+
+    from safeguard_plugin.artifacts import Artifact
+    from safeguard_plugin.constraints.guardspace import (
+        GuardSpace,
+        GuardSpaceConfig,
+        guardspace_layers,
+        load_guardspace,
+    )
+
+    run = guardspace_run
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(workspace / "tiny-model", dtype=torch.float32)
+
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    reloaded = _logits(load_guardspace(base(), run.out), ids)
+    # 1) the trained model, rebuilt from the trainer's own final save and the artifact
+    ckpt = run.out / "checkpoint-4"
+    trained = PeftModel.from_pretrained(base(), ckpt, is_trainable=True)
+    saved = load_st(str(ckpt / "adapter_model.safetensors"))
+    gs_cfg = GuardSpaceConfig(**example(GUARDSPACE_YAML)["safeguard"]["guardspace"])
+    GuardSpace(gs_cfg, Artifact.load(run.dir / "safeguard-artifacts/tiny-model-guardspace")).modify_model(trained)
+    with torch.no_grad():  # surgery re-initialised A, B: put the trained factors back
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(saved[name.replace(".default", "")])
+    assert (reloaded - _logits(trained, ids)).abs().max() < 1e-5
+    # 2) the saved trainable factors are the trainer's own (checkpoint-4 = the final step)
+    gs_saved = load_st(str(run.out / "guardspace.safetensors"))
+    for key, layer in guardspace_layers(trained).items():
+        for f in ("lora_A", "lora_B"):
+            assert torch.equal(gs_saved[f"{key}.{f}"], getattr(layer, f)["default"].weight.detach())
+    # 3) the adapter in output_dir is the exported one (projector folded in): vanilla PEFT gives the same model
+    assert (_logits(PeftModel.from_pretrained(base(), run.out), ids) - reloaded).abs().max() < 1e-4
+    assert (_logits(load_guardspace(base(), ckpt / "guardspace"), ids) - reloaded).abs().max() < 1e-5
+    # 4) ... while the plain LoRA save Axolotl would have left there (no projector, no residual) is another model
+    assert (_logits(PeftModel.from_pretrained(base(), ckpt), ids) - reloaded).abs().max() > 1e-3
+    assert (_logits(base(), ids) - reloaded).abs().max() > 1e-4  # and training moved the model
+
+
+# ----------------------------------------------------------------------------------------- every example YAML
+VALIDATE = """
+import json, sys
+import axolotl.cli.config as axcfg
+from axolotl.integrations.base import PluginManager
+from safeguard_plugin.integrations.axolotl.args import plain
+
+out = {}
+for path in sys.argv[1:]:
+    r = out[path] = {}
+    if "\\ndeepspeed:" in open(path).read():
+        # load_cfg ends by opening DeepSpeed's process group (prepare_optim_env): not validation, and runs DeepSpeed
+        axcfg.prepare_optim_env = lambda cfg: None
+    try:
+        cfg = axcfg.load_cfg(path, base_model="./tiny-model")  # offline: the tiny model stands in for hub models
+    except Exception as e:
+        r["error"] = f"{type(e).__name__}: {e}"
+        continue
+    r["safeguard"] = plain(cfg["safeguard"])
+    r.update({k: cfg.get(k) for k in ("adapter", "load_in_4bit", "lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel",
+                                      "gradient_checkpointing_kwargs")})
+    ds = cfg.get("deepspeed")
+    r["zero_stage"] = ds.get("zero_optimization", {}).get("stage") if isinstance(ds, dict) else ds
+    try:
+        PluginManager.get_instance().pre_model_load(cfg)  # the plugin's last check before the model is built
+        r["pre_model_load"] = "ok"
+    except Exception as e:
+        r["pre_model_load"] = f"{type(e).__name__}: {e}"
+print("RESULT " + json.dumps(out, default=str))
+"""
+AXOLOTL_EXAMPLES = sorted(p.name for p in (ROOT / "example_yamls").glob("axolotl_*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def validated_examples(workspace, env):
+    """Every example_yamls/axolotl_*.yaml through Axolotl's config loader (load_cfg), in one subprocess."""
+    d = workspace / "validate"
+    d.mkdir()
+    for item in ("tiny-model", "data.jsonl"):
+        (d / item).symlink_to(workspace / item)
+    (d / "deepspeed_configs").symlink_to(ROOT / "example_yamls" / "deepspeed_configs")
+    proc = subprocess.run([sys.executable, "-c", VALIDATE, *(str(ROOT / "example_yamls" / n) for n in AXOLOTL_EXAMPLES)],
+                          cwd=d, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:]
+    return {Path(k).name: v for k, v in json.loads(lines[-1][len("RESULT "):]).items()}
+
+
+@pytest.mark.parametrize("name", AXOLOTL_EXAMPLES)
+def test_example_yaml_validates_through_axolotl(validated_examples, name):
+    r = validated_examples[name]
+    assert "error" not in r, r.get("error")
+    raw = example(ROOT / "example_yamls" / name)
+    constraints = [k for k, v in raw["safeguard"].items() if isinstance(v, dict)]
+    assert constraints and all(r["safeguard"][c]["enabled"] for c in constraints)  # our schema, nothing dropped
+    if name == QLORA_YAML.name:
+        # QLoRA is for GPUs: valid for Axolotl, and on this CPU machine the plugin stops it before the model is built
+        assert r["adapter"] == "qlora" and r["load_in_4bit"] is True
+        assert r["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+        if torch.cuda.is_available():
+            assert r["pre_model_load"] == "ok"
+        else:
+            assert r["pre_model_load"].startswith("ValueError: safeguard: this config loads the base model quantized "
+                                                  "(load_in_4bit: true), which needs bitsandbytes and a CUDA GPU")
+        return
+    assert r["pre_model_load"] == "ok"
+    if "deepspeed" in name:
+        assert r["zero_stage"] == int(name.split("zero")[1][0])
+    if "guardspace" in raw["safeguard"]:
+        assert [r[k] for k in KERNELS] == [False] * 3
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "example_yamls").glob("*.yaml")
+                                        if not p.name.startswith("axolotl_")))
+def test_trl_example_yaml_validates(name):
+    from safeguard_plugin.integrations.axolotl.args import validate_block
+
+    assert validate_block(example(ROOT / "example_yamls" / name)["safeguard"]).constraint_configs()
+
+
 # ---------------------------------------------------------------------------------- (5) post_train twice
 def test_post_train_is_idempotent(tmp_path):
     from axolotl.utils.dict import DictDefault
@@ -324,12 +551,14 @@ def test_post_train_is_idempotent(tmp_path):
                                                                  {"train_loss": 1.0}]),
                               is_world_process_zero=lambda: True)
     plugin = SafeguardPlugin()
-    plugin.callback = SimpleNamespace(engine=engine, trainer=trainer)
+    saves = []
+    plugin.callback = SimpleNamespace(engine=engine, trainer=trainer, save_adapters=lambda d: saves.append(d) or [])
     cfg = DictDefault({"output_dir": str(tmp_path)})
     plugin.post_train(cfg, model=None)
     first = (tmp_path / RUN_FILE).read_text()
     (tmp_path / RUN_FILE).unlink()
     plugin.post_train(cfg, model=None)
     assert engine.detached == 1 and not (tmp_path / RUN_FILE).exists()
+    assert saves == [str(tmp_path)] * 2  # adapters: both calls (the second follows Axolotl's own save)
     assert json.loads(first)["log_history"] == [{"loss": 1.0, "safeguard/penalty": 0.5, "step": 1}]
     SafeguardPlugin().post_train(cfg, model=None)  # never attached (no block): a no-op

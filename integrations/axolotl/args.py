@@ -11,10 +11,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from safeguard_plugin.config import ConfigError, SafeguardConfig, load_config
 from safeguard_plugin.registry import available_constraints
+
+# Axolotl's fused LoRA kernels compute q/k/v, o and the MLP without calling the LoRA modules' forward, so GuardSpace's
+# projected lora_A would never run. Axolotl 0.19 switches them on by default for `adapter: lora|qlora`, on CPU too.
+FUSED_LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
+LORA_ADAPTERS = ("lora", "qlora")
 
 _KEY_PREFIX = re.compile(r"^([A-Za-z_][\w.]*): ")
 _UNKNOWN_KEY = re.compile(r"^unknown key '([^']+)'; ")
@@ -76,6 +81,27 @@ def validate_block(value: Any) -> SafeguardConfig:
     return cfg
 
 
+def uses_guardspace(block: Any) -> bool:
+    """Whether a (raw or validated) ``safeguard:`` block enables GuardSpace; False for an invalid block."""
+    if block is None:
+        return False
+    try:
+        return "guardspace" in validate_block(plain(block)).constraint_configs()
+    except ValueError:
+        return False  # reported with the key's name by the field validator
+
+
+def guardspace_kernel_conflicts(cfg: Mapping) -> list[str]:
+    """The fused-kernel keys an Axolotl config sets to true (GuardSpace cannot run with them)."""
+    return [k for k in FUSED_LORA_KERNELS if cfg.get(k)]
+
+
+def kernels_message(keys: list[str]) -> str:
+    return (f"safeguard.guardspace: Axolotl's fused LoRA kernels ({', '.join(keys)}) bypass the LoRA modules' forward, "
+            "so GuardSpace's null-space projector would not apply; set "
+            + ", ".join(f"`{k}: false`" for k in keys) + " (or leave them unset: the plugin then switches them off)")
+
+
 class SafeguardArgs(BaseModel):
     """Input args for the safeguard plugin (``plugins: [safeguard_plugin.integrations.axolotl.SafeguardPlugin]``)."""
 
@@ -87,6 +113,35 @@ class SafeguardArgs(BaseModel):
             "`procon: {weight: 100}`."
         },
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guardspace_axolotl_settings(cls, data: Any) -> Any:
+        """GuardSpace under Axolotl: a LoRA/QLoRA adapter, and Axolotl's fused LoRA kernels off.
+
+        Runs on Axolotl's whole config (this class is merged into it), after Axolotl's own auto-enabling of the
+        kernels: values still true here are switched off with a warning. The plugin's ``register`` hook (which
+        sees the YAML before validation) has already refused kernels the YAML sets to true explicitly.
+        """
+        if not isinstance(data, Mapping) or not uses_guardspace(data.get("safeguard")):
+            return data
+        if data.get("adapter") not in LORA_ADAPTERS:
+            raise ValueError(
+                f"safeguard.guardspace: needs `adapter: lora` (or `qlora`) under Axolotl, got adapter: "
+                f"{data.get('adapter')!r}. GuardSpace re-initialises the run's LoRA adapters (rank `lora_r`, "
+                "`lora_alpha`) and adds the projector; without an adapter Axolotl would save a full model whose "
+                "layers it cannot reload."
+            )
+        on = guardspace_kernel_conflicts(data)
+        if on:
+            import logging
+
+            logging.getLogger("axolotl.integrations.safeguard").warning(
+                "safeguard: guardspace: switching off %s (fused LoRA kernels bypass the LoRA forward, so the "
+                "null-space projector would not apply)", ", ".join(on))
+            data = dict(data)
+            data.update({k: False for k in on})
+        return data
 
     @field_validator("safeguard", mode="before")
     @classmethod
