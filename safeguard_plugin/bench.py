@@ -133,6 +133,10 @@ def benchmark_methods() -> dict[str, dict | None]:
         for label, cfg in (cls.benchmark_configs() or {}).items():
             methods[label] = {name: cfg}
             per.setdefault(name, cfg)
+    if "guardspace" in per and "cwac" in per:
+        # GuardSpace's adapters start from non-zero factors, which CWAC's factor projection refuses: combine CWAC's
+        # SAE term with GuardSpace's own update restriction
+        per["cwac"] = {**per["cwac"], "projection": False}
     if len(per) >= 2:
         methods["all"] = dict(per)
     return methods
@@ -183,13 +187,15 @@ class Bench:
 
         path = self.out / "artifact"
         model, tok = self.load()
+        names = sorted({n for cfg in self.methods.values() if cfg for n in cfg})
         if (path / "manifest.json").exists():
             try:
-                Artifact.load(path).check_model(model)
-                return path
+                art = Artifact.load(path)
+                art.check_model(model)
+                if set(names) <= set(art.manifest.get("calibrated_for", [])):
+                    return path
             except ArtifactError:
                 pass
-        names = sorted({n for cfg in self.methods.values() if cfg for n in cfg})
         lim = self.profile.calibration_limit
         self.say(f"calibrating {names} on {self.model_spec}")
         calibrate(model, tok, load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim), path,

@@ -164,5 +164,6 @@ def calibrate(model, tokenizer, harmful: PromptSet, harmless: PromptSet, out_dir
                              base_model=base_model, constraint_configs=dict(constraint_configs or {}))
     for n in names:
         registry[n].calibrate(ctx, artifact)
+    artifact.manifest["calibrated_for"] = list(names)
     artifact.save(out_dir)
     return artifact

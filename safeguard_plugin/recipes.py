@@ -60,6 +60,10 @@ class SFTResult:
 
 
 class _StepTimer:
+    """Wall time per optimizer step, measured end-to-end (from one step's end to the next, the first from its
+    begin): it includes data loading, other callbacks' ``on_step_end`` work (post-step projections) and logging.
+    Register it after the other callbacks."""
+
     def __init__(self):
         from transformers import TrainerCallback
 
@@ -67,12 +71,16 @@ class _StepTimer:
 
         class CB(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
-                outer._t = time.perf_counter()
+                if outer._last is None:
+                    outer._last = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                outer.times.append(time.perf_counter() - outer._t)
+                now = time.perf_counter()
+                outer.times.append(now - outer._last)
+                outer._last = now
 
         self.times: list[float] = []
+        self._last: float | None = None
         self.callback = CB()
 
 
@@ -99,9 +107,10 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int, output_dir: str, lr: 
         peft_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     timer = _StepTimer()
-    cbs = [timer.callback] + list(callbacks or [])
+    cbs = list(callbacks or [])
     if safeguard is not None:
         cbs.append(SafeguardCallback(safeguard))
+    cbs.append(timer.callback)
     torch.manual_seed(seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=cbs)

@@ -52,6 +52,10 @@ CASES = {
                          False),
     # GuardSpace adapters injected by the callback (no peft_config)
     "guardspace": (lambda art: {"artifact": art, "guardspace": {"rank": 2, "target_modules": TARGETS}}, None),
+    # CWAC coupled on LoRA: factor projection after each step (fp32 masters) + SAE feature term (cached references)
+    "cwac": (lambda art: {"artifact": art, "cwac": {"sae_weight": 10.0}}, True),
+    # CWAC on full fine-tuning: ΔW projection through the low-rank anchors U^T W0 / W0 V
+    "cwac_full": (lambda art: {"artifact": art, "cwac": {"sae_weight": 10.0}}, False),
     # monitor alone (no loss term): alerts at step 2 and restores the train-begin weights (fp32 master too)
     "monitor": (lambda art: {"artifact": art, "monitor": {"every_n_steps": 2, "n_prompts": 4, "min_cosine": 1.0,
                                                           "max_score_drop": None, "action": "restore"}}, False),

@@ -213,3 +213,18 @@ def test_benchmark_rows_and_registry():
 
     assert available_constraints()["cwac"] is CWAC
     assert set(CWAC.benchmark_configs()) == {"cwac_weight", "cwac_sae", "cwac"}
+
+
+def test_projection_refuses_adapters_with_a_nonzero_initial_update(cw_art, tok):
+    from peft import LoraConfig, get_peft_model
+
+    from safeguard_plugin.engine import SafeguardEngine
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["up_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    eng = SafeguardEngine(cfg(cw_art, sae_weight=0.0)).setup(model, tok)
+    with pytest.raises(CWACError, match="non-zero update"):
+        eng.begin_training(max_steps=2, grad_accum=1)

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ds_worker.py")
-CASES = ["procon", "adaptive_kl", "adaptive_kl_full", "guardspace", "monitor", "procon_zinit", "guardspace_zinit"]
+CASES = ["procon", "adaptive_kl", "adaptive_kl_full", "guardspace", "cwac", "cwac_full", "monitor", "procon_zinit",
+         "guardspace_zinit"]
 TOL_LOSS = 1e-5
 TOL_WEIGHT = 1.5e-5  # ZeRO-3 reduces gradients in another order: measured ≤ 7.3e-6
 

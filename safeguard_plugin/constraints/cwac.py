@@ -447,10 +447,11 @@ class CWAC(Constraint):
         return [self._layer] if self.sae is not None else []
 
     def validate_model(self, model: nn.Module) -> None:
+        from ..distributed import param_shape
         from ..modeling import find_decoder_layers
 
         n = len(find_decoder_layers(model))
-        d = model.get_input_embeddings().weight.shape[-1]
+        d = param_shape(model.get_input_embeddings().weight)[-1]
         if self.sae is not None:
             if self._layer >= n:
                 raise CWACError(f"cwac: the SAE's layer {self._layer} does not exist (the model has {n} layers)")
@@ -462,8 +463,9 @@ class CWAC(Constraint):
                 if key not in mods:
                     raise CWACError(f"cwac: the artifact's layer {key} does not exist in this model")
                 w = _base_linear(mods[key]).weight
-                if (U is not None and U.shape[0] != w.shape[0]) or (V is not None and V.shape[0] != w.shape[1]):
-                    raise CWACError(f"cwac: {key} is {tuple(w.shape)} in the model; the artifact's subspace does not fit")
+                shape = tuple(param_shape(w))  # ZeRO-3 partitions hold an empty tensor
+                if (U is not None and U.shape[0] != shape[0]) or (V is not None and V.shape[0] != shape[1]):
+                    raise CWACError(f"cwac: {key} is {shape} in the model; the artifact's subspace does not fit")
 
     def prepare(self, ctx: TrainContext) -> None:
         self._plan = []
@@ -504,6 +506,7 @@ class CWAC(Constraint):
         for item in self._plan:
             U, V = item["U"], item["V"]
             if item["kind"] == "lora":  # project the initial factors too: BA is outside the subspace from step 0
+                self._check_lora_init(item)
                 self._project_lora(item)
             elif item["key"] not in self._anchors:
                 W = get_full_param(item["W"])
@@ -512,6 +515,25 @@ class CWAC(Constraint):
         logger.info("cwac: projecting %d weight matrices (%s subspace, sides=%s)", len(self._plan), self.source,
                     self.config.sides)
 
+    @torch.no_grad()
+    def _check_lora_init(self, item: dict[str, Any]) -> None:
+        """Projecting the factors of an adapter whose product BA is not zero (PiSSA / CorDA / GuardSpace-style
+        initialisations) would change the model before training; refuse. A resumed, already projected adapter passes."""
+        A, B = get_full_param(item["A"]), get_full_param(item["B"])
+        if float(B.abs().max()) == 0.0:
+            return
+        U, V = item["U"], item["V"]
+        ref = float(B.norm() * A.norm()) + 1e-30
+        moved = 0.0
+        if U is not None:
+            moved += float((U.to(B.device).T @ B).norm() * A.norm())
+        if V is not None:
+            moved += float(B.norm() * (A @ V.to(A.device)).norm())
+        if moved / ref > 1e-4:
+            raise CWACError(
+                f"cwac: the adapter on {item['key']} starts with a non-zero update BA (a PiSSA / CorDA / GuardSpace-style "
+                "initialisation); projecting its factors would change the model before training. Use a zero-initialised "
+                "LoRA (PEFT's default), or set cwac.projection: false (SAE term only)")
     @torch.no_grad()
     def _project_lora(self, item: dict[str, Any]) -> None:
         U, V = item["U"], item["V"]
@@ -587,7 +609,9 @@ class CWAC(Constraint):
         f = self._features(batch.acts)[mask]
         ref = batch.reference[self.name][mask].to(f.device)
         z = (f - ref) / self.std.to(f.device)
-        pen = self.config.sae_weight * z.pow(2).mean(1).sum(-1).mean()
+        per_row = z.pow(2).mean(1).sum(-1)  # Σ_features mean_positions z², (rows,)
+        # mean over rows; across ranks sum / (global rows / world size), so rank-averaged gradients match one process
+        pen = self.config.sae_weight * per_row.sum() / batch.rows_denominator(per_row.shape[0])
         with torch.no_grad():
             self._sum_pen += float(pen)
             self._sum_drift += float(z.abs().mean())
@@ -624,7 +648,8 @@ class CWAC(Constraint):
     # -- benchmark / calibration
     @classmethod
     def benchmark_configs(cls) -> dict[str, dict]:
-        return {"cwac_weight": {"sae_weight": 0.0}, "cwac_sae": {"projection": False}, "cwac": {}}
+        # the coupled row first: "all combined" in the benchmark takes each constraint's first row
+        return {"cwac": {}, "cwac_weight": {"sae_weight": 0.0}, "cwac_sae": {"projection": False}}
 
     @classmethod
     def calibrate(cls, ctx, artifact, config: CWACConfig | dict | None = None) -> None:
