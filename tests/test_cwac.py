@@ -48,12 +48,12 @@ def test_calibration_writes_subspaces_and_an_sae_in_saelens_format(cw_art):
     _, smeta = art.component("cwac_sae")
     folder = cw_art / smeta["sae_dir"]
     cfgj = json.loads((folder / "cfg.json").read_text())
-    assert cfgj["architecture"] == "topk" and cfgj["d_in"] == 64 and cfgj["d_sae"] == 8 * 64 and cfgj["k"] == 32
+    assert cfgj["architecture"] == "topk" and cfgj["d_in"] == 64 and cfgj["d_sae"] == 4 * 64 and cfgj["k"] == 32
     assert cfgj["metadata"]["hook_name"] == f"blocks.{smeta['layer']}.hook_resid_post"
     from safetensors.torch import load_file
 
     w = load_file(str(folder / "sae_weights.safetensors"))
-    assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (64, 512), "b_enc": (512,), "W_dec": (512, 64),
+    assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (64, 256), "b_enc": (256,), "W_dec": (256, 64),
                                                           "b_dec": (64,)}
     assert 0.5 < smeta["explained_variance"] <= 1 and smeta["l0"] == pytest.approx(32, abs=1)
     sae = SparseAutoencoder.load(folder)

@@ -79,9 +79,9 @@ class CWACConfig(ConstraintConfig):
     sae_layer: int | Literal["auto"] = Field(
         "auto", description="Calibration: residual layer for the SAE ('auto': middle of the refusal-direction layers).")
     sae_path: str | None = Field(None, description="Calibration: an existing SAE folder in SAELens' format.")
-    sae_expansion: int = Field(8, ge=1, le=64, description="Calibration: d_sae = expansion × hidden size.")
+    sae_expansion: int = Field(4, ge=1, le=64, description="Calibration: d_sae = expansion × hidden size.")
     sae_k: int = Field(32, ge=1, description="Calibration: TopK SAE sparsity.")
-    sae_steps: int = Field(600, ge=1, description="Calibration: SAE optimizer steps.")
+    sae_steps: int = Field(300, ge=1, description="Calibration: SAE optimizer steps (batch 1024 tokens).")
     sae_n_features: int = Field(32, ge=1, description="Calibration: safety-critical features stored.")
 
 
