@@ -19,7 +19,8 @@ LM head, ignoring ``outputs.loss``), so this constraint adds the *correction*
 
 computed from the final hidden states (the final norm's output) through the LM head at the response positions
 only, in token chunks with the gradient formed in the same pass (d/dlogits = a·(q − e_y) + c·(q − p_ref)), so
-the (tokens × vocab) logits are never materialised. The engine injects it like every penalty (identity autograd
+the (tokens × vocab) logits are never materialised; within a chunk everything over the vocabulary is computed in
+place in at most three float32 buffers. The engine injects it like every penalty (identity autograd
 on the final hidden states, or the mixin's loss). Approximation: the trainer divides CE by the token count of the
 whole accumulated batch (``num_items_in_batch``), the correction by the micro-batch's count and by the number of
 accumulation steps; the two agree when micro-batches hold equally many response tokens (always at gradient
@@ -109,6 +110,11 @@ class AdaptiveKLConfig(ConstraintConfig):
 
 
 # ------------------------------------------------------------------------------------------ the LM-head term
+def _rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ_v x[i, v]·y[i, v] per row, without an (n, V) temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(-1)
+
+
 class _HeadObjective(torch.autograd.Function):
     """Σ_t a_t·CE_t + c_t·KL_t over selected positions, through the LM head in token chunks.
 
@@ -117,6 +123,11 @@ class _HeadObjective(torch.autograd.Function):
     hidden states, exact KL) or ``ref_idx``/``ref_lp``/``ref_lpT`` (top-k log-probs + log tail mass: KL between
     the distributions coarse-grained to {top-k, rest}; the tail target is π_θ's own tail shape).
     Returns (objective, Σ CE, Σ KL); the last two are for logging.
+
+    Cost per chunk of n tokens: one (n × d × V) matmul for the policy logits, one for the reference logits (live
+    reference only) and one for the gradient wrt ``h`` (plus one for the head's own gradient when it is trained).
+    Everything over the vocabulary is done in place in at most three float32 (n × V) buffers (policy logits →
+    q → gradient; reference logits → log p_ref − log q; p_ref), so the chunk's peak is ~3·n·V·4 bytes.
     """
 
     @staticmethod
@@ -134,47 +145,53 @@ class _HeadObjective(torch.autograd.Function):
             hc = h[s:e].to(W.dtype)
             z, dz = head.transform(torch.nn.functional.linear(hc, W, bias).float())
             lse = torch.logsumexp(z, -1, keepdim=True)
-            logq = z - lse
-            q = logq.exp()
             tc = targets[s:e].unsqueeze(1)
             ac, cc = a[s:e].unsqueeze(1).float(), c[s:e].unsqueeze(1).float()
-            ce = -logq.gather(1, tc).squeeze(1)
+            ce = (lse - z.gather(1, tc)).squeeze(1)  # −log q(y)
             val = (ac.squeeze(1) * ce).sum()
+            kl = None
             if ref_h is not None:
-                logp = head.logits(ref_h[s:e]).log_softmax(-1)
-                p = logp.exp()
-                kl = (p * (logp - logq)).sum(-1)
-                g = q * (ac + cc) - cc * p
-                del logp, p
+                zr = head.logits(ref_h[s:e])
+                lser = torch.logsumexp(zr, -1, keepdim=True)
+                p = torch.sub(zr, lser).exp_()
+                d = zr.sub_(z).sub_(lser - lse)  # log p − log q = (z_ref − z) − (lse_ref − lse)
+                kl = _rowdot(p, d)
+                del zr, d
+                g = z.sub_(lse).exp_()  # q
+                g.mul_(ac + cc).addcmul_(p, cc, value=-1.0)  # q·(a + c) − c·p
+                del p
             elif ref_idx is not None:
                 idx = ref_idx[s:e].long()
                 lp, lpT = ref_lp[s:e].float(), ref_lpT[s:e].float()
-                logq_T = torch.logsumexp(z.scatter(1, idx, float("-inf")), -1) - lse.squeeze(1)
+                zI = z.gather(1, idx)
+                z.scatter_(1, idx, float("-inf"))
+                logq_T = torch.logsumexp(z, -1) - lse.squeeze(1)  # log q(rest)
+                z.scatter_(1, idx, zI)
+                logq_I = zI - lse
                 pI, pT = lp.exp(), lpT.exp()
-                kl = (pI * (lp - logq.gather(1, idx))).sum(-1) + torch.where(pT > 0, pT * (lpT - logq_T), 0.0)
+                kl = (pI * (lp - logq_I)).sum(-1) + torch.where(pT > 0, pT * (lpT - logq_T), 0.0)
                 tail = torch.where(pT > 0, (lpT - logq_T).exp(), 0.0).unsqueeze(1)  # p_T / q_T
-                target = q * tail
-                target.scatter_(1, idx, pI)
-                g = q * (ac + cc) - cc * target
-                del target
+                # target = p_ref on the top-k, q·p_T/q_T on the rest; g = q·(a + c) − c·target
+                g = z.sub_(lse).exp_()  # q
+                g.mul_(ac + cc - cc * tail)
+                g.scatter_(1, idx, logq_I.exp() * (ac + cc) - cc * pI)
             else:
-                kl = None
-                g = q * ac
+                g = z.sub_(lse).exp_().mul_(ac)
             g.scatter_add_(1, tc, -ac)
             if kl is not None:
                 val = val + (cc.squeeze(1) * kl).sum()
                 kl_sum += kl.sum()
             tot += val
             ce_sum += ce.sum()
-            del z, logq, q
             if not (isinstance(dz, float) and dz == 1.0):
-                g = g * dz
+                g = g.mul_(dz)
             if need_h:
                 gh[s:e] = (g.to(W.dtype) @ W).to(gh.dtype)
             if need_w:
                 gw += g.T @ hc.float()
             if need_b:
                 gb += g.sum(0)
+            del z, g
         ctx.grads = (gh, None if gw is None else gw.to(W.dtype), None if gb is None else gb.to(bias.dtype))
         ctx.mark_non_differentiable(ce_sum, kl_sum)
         return tot, ce_sum, kl_sum
