@@ -76,9 +76,11 @@ def _explicit_objective(model, ref_model, b, s, floor=None):
     return ((w_sft[:, None] * ce + w_kl[:, None] * kl) * m).sum() / m.sum()
 
 
-@pytest.mark.parametrize("setting", ["lora_live", "full_precomputed"])
+@pytest.mark.parametrize("setting", ["lora_live", "full_precomputed", "lora_precomputed", "lora_precomputed_lazy"])
 def test_gradient_equals_per_example_objective(tok, setting):
-    """trainer CE + injected correction has exactly the gradient of the per-example weighted CE + KL objective."""
+    """trainer CE + injected correction has exactly the gradient of the per-example weighted CE + KL objective.
+    LoRA with ``reference: precomputed``: top-k cache of the adapter-disabled model, before training or (lazy) at
+    the first micro-batch that needs it."""
     from peft import LoraConfig, get_peft_model
 
     scores = [1.0, 3.5, 5.0, 4.0]
@@ -86,15 +88,20 @@ def test_gradient_equals_per_example_objective(tok, setting):
     torch.manual_seed(0)
     model, ref_model = tiny_model(), None
     cfg = {"adaptive_kl": {"risk": "table"}}
-    if setting == "lora_live":
+    lora = setting.startswith("lora")
+    if lora:
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0,
                                                  init_lora_weights=False))  # random B: π_θ != π_ref
     else:
-        cfg["adaptive_kl"]["ref_top_k"] = 1023  # vocab - 1: the bucketed KL is the exact KL
         ref_model = copy.deepcopy(model)
+    if "precomputed" in setting:
+        cfg["adaptive_kl"]["ref_top_k"] = 1023  # vocab - 1: the bucketed KL is the exact KL
+        if lora:
+            cfg["adaptive_kl"]["reference"] = "precomputed"
     eng = SafeguardEngine(cfg, mode="collect").setup(model, tok)
     eng.begin_training(max_steps=10, grad_accum=1)
-    eng.precompute_references([b], progress=False)
+    if setting != "lora_precomputed_lazy":
+        eng.precompute_references([b], progress=False)
     (akl,) = eng.constraints
     assert akl.reference_mode == ("live" if setting == "lora_live" else "precomputed")
     if setting == "full_precomputed":  # "train": the weights move away from the cached reference
@@ -107,8 +114,10 @@ def test_gradient_equals_per_example_objective(tok, setting):
     n_ref = eng.n_reference_forwards
     out = model(**b)
     got = torch.autograd.grad(out.loss + eng.pop_pending_penalty(), params)
-    assert eng.n_reference_forwards - n_ref == (1 if setting == "lora_live" else 0)
+    assert eng.n_reference_forwards - n_ref == (1 if setting in ("lora_live", "lora_precomputed_lazy") else 0)
+    assert akl.n_ref_missing == 0 and len(akl._ref) == (4 if "precomputed" in setting else 0)  # every row: no floor
     m = eng.metrics()
+    assert m["safeguard/akl_ref_forwards"] == (1 if setting in ("lora_live", "lora_precomputed_lazy") else 0)
     assert m["safeguard/akl_risk_mean"] == pytest.approx(sum(scores) / 4)
     assert m["safeguard/akl_w_kl_mean"] == pytest.approx(float(risk_weights(torch.tensor(scores))[1].mean()))
     assert m["safeguard/akl_kl"] > 1e-4

@@ -39,7 +39,11 @@ Reference policy π_ref (``reference``):
   full KL that is still 0 iff π_θ matches π_ref on those buckets. Chosen over a frozen copy because a copy
   doubles weight memory (a 7B model in bf16: +14 GB) and adds a forward every step, while the cache costs
   ``8·k`` bytes per risky response token on the CPU (k = 32: 256 B; 1000 examples × 500 tokens ≈ 128 MB)
-  and nothing per step. Also usable under LoRA (``reference: precomputed``) to skip the per-batch forward.
+  and nothing per step. Also usable under LoRA (``reference: precomputed``) to skip the per-batch forward (the
+  cheaper choice when the live forward's cost matters: see README "Measured"). An example first seen during
+  training (streaming data) gets its cache entry then, from one reference forward of its micro-batch, while the
+  original weights are reachable (LoRA: always; full fine-tuning: before the first update; not under ZeRO-3 with
+  several ranks); otherwise its KL term is dropped and counted (akl_ref_missing).
 
 Risk scores are computed once per example before training (``precompute``, with a progress bar) and cached by
 example hash (the non-padding token ids and the trained-label mask); an example first seen during training
@@ -459,8 +463,9 @@ class AdaptiveKL(Constraint):
                 if ref is None or ref[0].shape[0] != int(n_row[b]):
                     kl_rows[b] = False
                     self.n_ref_missing += 1
-                    self._warn_once("ref", "no precomputed reference for some examples (first seen during training): "
-                                           "their KL term is dropped (counted in akl_ref_missing)")
+                    self._warn_once("ref", "no precomputed reference for some examples (first seen during training, "
+                                           "after the original weights were overwritten): their KL term is dropped "
+                                           "(counted in akl_ref_missing)")
                 else:
                     cached.append(ref)
             if cached:
@@ -504,7 +509,7 @@ class AdaptiveKL(Constraint):
         if batch.hidden is None or (batch.labels is None and batch.forward_kwargs.get("shift_labels") is None):
             return
         self._bind(batch.engine)
-        if self._mode != "live":
+        if self._mode not in ("live", "precomputed"):
             return
         rows = self._rows(batch.input_ids, batch.labels, batch.attention_mask)
         self._score(rows)
@@ -512,11 +517,26 @@ class AdaptiveKL(Constraint):
         mask = batch.next_token_targets()[0]
         n_row = mask.sum(1).cpu()
         kl_rows = (w_kl > 0) & (n_row > 0)
+        if self._mode == "precomputed":
+            self._fill_reference(batch, rows, kl_rows)
+            return
         if int(n_row.sum()) and bool(((w_sft != 1) | (w_kl != 0)).any()) and bool(kl_rows.any()):
             rid, last = _live_rows(kl_rows, mask)
             batch.reference_hidden(rid, length=last)
         elif batch.engine is not None and batch.engine.collective_forwards:
             batch.reference_hidden(torch.zeros(1, dtype=torch.long), length=1)
+
+    def _fill_reference(self, batch: BatchView, rows, kl_rows: torch.Tensor) -> None:
+        """Precomputed reference: top-k log-probs of KL rows first seen during training, computed now while the
+        original weights are reachable (PEFT: always; full fine-tuning: before the first update). Not under ZeRO-3
+        with several ranks (forwards are collective there): such rows drop their KL term in ``penalty``."""
+        engine = batch.engine
+        need = [rows[b] for b in kl_rows.nonzero().flatten().tolist() if rows[b][0] not in self._ref]
+        if not need or engine is None or engine.collective_forwards or not engine.reference_available():
+            return
+        self._precompute_reference(list({r[0]: r for r in need}.values()), batch_size=len(need), progress=False)
+        self.n_ref_forwards += 1
+        self._p["ref"] += 1
 
     # -- logging and state
     def metrics(self) -> dict[str, float]:
