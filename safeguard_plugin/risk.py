@@ -246,6 +246,7 @@ Answer with a single digit from 1 to 5.
 ### Assistant reply
 {response}"""
 
+SELF_JUDGE = "reference"  # LLMJudgeConfig.model: judge with the model being fine-tuned, original weights
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 _NUM = r"(\d+(?:\.\d+)?)"
 
@@ -275,7 +276,10 @@ def parse_risk_score(text: str | None) -> float | None:
 
 
 class LLMJudgeConfig(RiskEstimatorConfig):
-    model: str | None = Field(None, description="Judge chat model: hub id or local folder (any instruction model).")
+    model: str | None = Field(
+        None, description="Judge chat model: hub id or local folder (any instruction model), or 'reference': the model "
+                          "being fine-tuned with its original weights (PEFT adapters disabled; full fine-tuning: before "
+                          "the first update), so no second model is loaded.")
     rubric: str | None = Field(None, description="Prompt template with {prompt} and {response} (default: 1–5 harm rubric).")
     fallback: float | Literal["max", "keyword"] = Field(
         "max", description="Score for a reply without a valid score: 'max' (=5, recall first), 'keyword' (the keyword "
@@ -290,6 +294,11 @@ class LLMJudge(RiskEstimator):
     """Local judge model with a 1–5 harm rubric ("Safety Critic"); greedy decoding, robust parsing, counted fallback.
 
     ``model``/``tokenizer`` may be passed directly (already loaded); otherwise ``config.model`` is loaded on first use.
+    ``config.model == "reference"``: the judge is the model being fine-tuned (``RiskContext.model`` / ``tokenizer``)
+    run under ``RiskContext.reference()`` (original weights: PEFT adapters disabled), i.e. the reference policy
+    rates its own training data; nothing is downloaded or loaded, and scoring needs the original weights (before
+    training, as every score; under full fine-tuning an example first seen after the first update gets
+    ``missing_risk``).
     """
 
     name = "judge"
@@ -299,14 +308,22 @@ class LLMJudge(RiskEstimator):
     def __init__(self, config, artifact=None, model=None, tokenizer=None):
         super().__init__(config, artifact)
         if model is None and not config.model:
-            raise ValueError("risk estimator 'judge' needs risk_options.model (a local chat model id or folder)")
+            raise ValueError("risk estimator 'judge' needs risk_options.model (a local chat model id or folder, or "
+                             "'reference' for the model being fine-tuned with its original weights)")
         if isinstance(config.fallback, float) and not RISK_MIN <= config.fallback <= RISK_MAX:
             raise ValueError(f"judge fallback must be in [1, 5], got {config.fallback}")
         self._model, self._tok = model, tokenizer
+        self.uses_training_model = model is None and config.model == SELF_JUDGE
+        self.needs_reference = self.uses_training_model  # reads the original weights of the model being trained
         self._keyword: KeywordJudge | None = None
         self.last_replies: list[str] = []
 
-    def _load(self):
+    def _load(self, ctx: RiskContext):
+        if self.uses_training_model:
+            if ctx.model is None or ctx.tokenizer is None:
+                raise ValueError("judge model 'reference' rates examples with the model being fine-tuned: it needs "
+                                 "that model and its tokenizer (pass the tokenizer to the trainer)")
+            return ctx.model, ctx.tokenizer
         if self._model is None:
             from .modeling import load_model_and_tokenizer
 
@@ -315,8 +332,6 @@ class LLMJudge(RiskEstimator):
             self._model, self._tok = load_model_and_tokenizer(self.config.model, dtype=dtype)
             if torch.cuda.is_available():
                 self._model.cuda()
-        if self._tok.pad_token_id is None:
-            self._tok.pad_token = self._tok.eos_token
         return self._model, self._tok
 
     def fallback_score(self, example: RiskExample) -> float:
@@ -353,24 +368,34 @@ class LLMJudge(RiskEstimator):
     def score(self, examples, ctx):
         if not examples:
             return []
-        model, tok = self._load()
-        device = next(model.parameters()).device
-        was_training, side = model.training, tok.padding_side
-        model.eval()
-        tok.padding_side = "left"
+        model, tok = self._load(ctx)
+        # the training model's own tokenizer is only borrowed: padding side and pad token are restored afterwards
+        side, pad = tok.padding_side, tok.pad_token
+        run = ctx.reference if self.uses_training_model else contextlib.nullcontext
         replies: list[str] = []
         try:
-            bs = self.config.batch_size
-            for s in tqdm(range(0, len(examples), bs), desc="safeguard: judge risk scores", unit="batch",
-                          disable=not ctx.progress):
-                texts = [self._render(tok, ex) for ex in examples[s: s + bs]]
-                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                out = model.generate(**enc, max_new_tokens=self.config.max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-                replies += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            tok.padding_side = "left"
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            with run():
+                device = next(model.parameters()).device
+                was_training = model.training
+                model.eval()
+                try:
+                    bs = self.config.batch_size
+                    for s in tqdm(range(0, len(examples), bs), desc="safeguard: judge risk scores", unit="batch",
+                                  disable=not ctx.progress):
+                        texts = [self._render(tok, ex) for ex in examples[s: s + bs]]
+                        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                        out = model.generate(**enc, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                             pad_token_id=tok.pad_token_id, use_cache=True)
+                        replies += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                finally:
+                    model.train(was_training)
         finally:
             tok.padding_side = side
-            model.train(was_training)
+            if tok.pad_token != pad:
+                tok.pad_token = pad
         self.last_replies = replies
         scores = self.resolve(replies, examples)
         if self.n_fallbacks > 0.2 * max(1, self.n_scored):

@@ -334,4 +334,41 @@ def test_state_roundtrip_keeps_scores_and_reference_cache(tok, tmp_path):
 
 def test_benchmark_rows():
     assert AdaptiveKL.benchmark_configs() == {"adaptive_kl_probe": {"risk": "probe"},
-                                              "adaptive_kl_keyword": {"risk": "keyword"}}
+                                              "adaptive_kl_keyword": {"risk": "keyword"},
+                                              "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference"}}}
+
+
+def test_judge_reference_is_the_adapter_disabled_training_model(tok, chat_rows, tmp_path, monkeypatch):
+    """``judge`` with ``model: reference`` (the bench's judge row): the model being fine-tuned, adapters disabled,
+    rates the examples; nothing is loaded, the tokenizer is left as it was, fallbacks are counted in the logs."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = tiny_model()
+    plain = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    monkeypatch.setattr(risk.LLMJudge, "_load", lambda self, ctx: pytest.fail("no judge model may be loaded")
+                        if not self.uses_training_model else (ctx.model, ctx.tokenizer))
+    cfg = {"adaptive_kl": {"risk": "judge", "risk_options": {"model": "reference", "max_new_tokens": 4}}}
+    eng = SafeguardEngine(cfg).setup(model, tok)
+    eng.begin_training(10, 1)
+    b = _batch(tok, [1, 1, 1])
+    side = tok.padding_side
+    eng.precompute_references([b], progress=False)
+    (akl,) = eng.constraints
+    assert akl.estimator.needs_reference and akl.estimator.n_scored == 3 and tok.padding_side == side
+    rows = akl._rows(b["input_ids"], b["labels"], b["attention_mask"])
+    examples = [akl._risk_example(t, lab) for _, t, lab in rows]
+    # the same rubric answered by the plain (adapter-free) model: identical greedy replies
+    ext = risk.LLMJudge(risk.LLMJudgeConfig(model="unused", max_new_tokens=4), model=plain, tokenizer=tok)
+    monkeypatch.undo()
+    ext.score(examples, risk.RiskContext(progress=False))
+    assert akl.estimator.last_replies == ext.last_replies
+    # a random tiny model talks garbage: every example falls back (recall first: 5) and is counted
+    assert akl.risk_of(rows).tolist() == [5.0, 5.0, 5.0] and akl.metrics()["akl_judge_fallbacks"] == 3.0
+    with pytest.raises(ValueError, match="tokenizer"):
+        akl.estimator.score(examples, risk.RiskContext(model=model, tokenizer=None, progress=False))
+    # in a TRL run (LoRA): scored before training, fallbacks in the logs, trains
+    tr, _ = train("callback", _rows(chat_rows), tok, tmp_path, cfg, lora=True, max_steps=2)
+    assert _logs(tr, "safeguard/akl_judge_fallbacks")[-1] == 16.0
+    assert _logs(tr, "safeguard/akl_ref_forwards") == [1.0, 1.0]

@@ -582,7 +582,9 @@ class AdaptiveKL(Constraint):
     # -- benchmark and calibration
     @classmethod
     def benchmark_configs(cls) -> dict[str, dict]:
-        return {"adaptive_kl_probe": {"risk": "probe"}, "adaptive_kl_keyword": {"risk": "keyword"}}
+        # judge: the model being fine-tuned, adapters disabled (the reference policy), rates the examples: offline
+        return {"adaptive_kl_probe": {"risk": "probe"}, "adaptive_kl_keyword": {"risk": "keyword"},
+                "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference"}}}
 
     @classmethod
     def calibrate(cls, ctx, artifact) -> None:
