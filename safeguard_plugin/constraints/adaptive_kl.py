@@ -69,7 +69,7 @@ from .base import BatchView, Constraint, ConstraintConfig, OutputHead, TrainCont
 logger = logging.getLogger("safeguard_plugin")
 
 W_MIN, W_MAX = 0.1, 0.9
-_CHUNK_ELEMENTS = 1 << 24  # tokens per LM-head chunk = this / vocab (64 MB of float32 logits per temporary)
+_CHUNK_ELEMENTS = 1 << 23  # tokens per LM-head chunk = this / vocab (32 MB per float32 (n × V) buffer)
 
 
 def risk_weights(s: torch.Tensor | float | list[float], risk_floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ class AdaptiveKLConfig(ConstraintConfig):
     missing_risk: float = Field(
         5.0, ge=1, le=5, description="Score for an example that cannot be scored any more (full fine-tuning, first seen "
                                      "after the first update, with a probe): high risk, recall first. Counted.")
-    chunk_tokens: int | None = Field(None, ge=1, description="Response tokens per LM-head chunk (default: 2^24 / vocab).")
+    chunk_tokens: int | None = Field(None, ge=1, description="Response tokens per LM-head chunk (default: 2^23 / vocab).")
 
     @model_validator(mode="after")
     def _check_risk(self) -> AdaptiveKLConfig:
