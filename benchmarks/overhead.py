@@ -28,6 +28,8 @@ VARIANTS = {
     # adaptive KL with a reference forward on every batch (constant risk 5) and with every batch below the floor
     "akl_every_batch": {"adaptive_kl": {"risk": "constant", "risk_options": {"score": 5}}},
     "akl_below_floor": {"adaptive_kl": {"risk": "constant", "risk_options": {"score": 1}, "risk_floor": 2}},
+    # ... and with top-k reference log-probs cached once before training instead of the per-batch forward
+    "akl_precomputed": {"adaptive_kl": {"risk": "constant", "risk_options": {"score": 5}, "reference": "precomputed"}},
     # CWAC parts alone and coupled (post-step projection of every trained matrix; SAE term at the cached positions)
     "cwac_weight": {"cwac": {"sae_weight": 0.0}},
     "cwac_sae": {"cwac": {"projection": False}},
