@@ -228,3 +228,12 @@ def test_projection_refuses_adapters_with_a_nonzero_initial_update(cw_art, tok):
     eng = SafeguardEngine(cfg(cw_art, sae_weight=0.0)).setup(model, tok)
     with pytest.raises(CWACError, match="non-zero update"):
         eng.begin_training(max_steps=2, grad_accum=1)
+
+
+def test_feature_scale_is_one_per_feature(cw_art):
+    """A feature silent at some post-instruction position must not get a ~0 scale there (z would explode)."""
+    art = Artifact.load(cw_art)
+    raw = art.component("cwac_sae")[0]["std"]
+    c = CWAC(CWACConfig(), art)
+    assert torch.equal(c.std, c.std[:1].expand_as(c.std)) and float(c.std.min()) >= 1e-3
+    assert torch.allclose(c.std[0], raw.pow(2).mean(0).sqrt().clamp(min=1e-3))

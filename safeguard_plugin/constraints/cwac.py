@@ -25,7 +25,8 @@ post-instruction positions. Penalty (per micro-batch, examples whose post-instru
 
     λ · mean_examples Σ_{j∈S} mean_positions ((f_j(h_θ) − f_j(h_θ₀)) / s_j)²
 
-with ``s_j`` the feature's calibration std (``normalize``). ``f_j(h_θ₀)`` is cached once per distinct prompt from
+with ``s_j`` the feature's calibration std at those positions (RMS over positions; ``normalize``).
+``f_j(h_θ₀)`` is cached once per distinct prompt from
 the original weights (adapter-disabled model under LoRA, a pre-training pass for full fine-tuning).
 Reading the features at the post-instruction positions — where the model decides to refuse — is what makes the
 reference cacheable, so the term costs no second forward.
@@ -440,7 +441,11 @@ class CWAC(Constraint):
             raise CWACError(f"cwac.n_features={n} > the {meta['n_features']} features stored at calibration")
         self._layer = int(meta["layer"])
         self.features = tensors["features"][:n].long()
-        self.std = tensors["std"][:, :n].float() if self.config.normalize else torch.ones_like(tensors["std"][:, :n])
+        std = tensors["std"][:, :n].float()  # (P, n) per position; ~0 where a feature is silent at a position
+        # one scale per feature (RMS over positions): a per-position std of a feature that is silent there would turn
+        # any small activation after fine-tuning into a huge z
+        scale = std.pow(2).mean(0).sqrt().clamp(min=1e-3)
+        self.std = scale.expand_as(std).clone() if self.config.normalize else torch.ones_like(std)
 
     # -- model
     def layers(self) -> list[int]:
