@@ -29,6 +29,9 @@ PYEOF
 
 installed torch "$TORCH_VERSION" || "$PY" -m pip install -q "torch==$TORCH_VERSION"
 installed axolotl "$AXOLOTL_VERSION" || "$PY" -m pip install -q "axolotl==$AXOLOTL_VERSION" "torch==$TORCH_VERSION"
+# DeepSpeed for the example_yamls/axolotl_deepspeed_*.yaml tests (1 process on CPU); Axolotl 0.19 accepts <0.19.
+# DS_BUILD_OPS=0: no ops compiled at install (the first run compiles a small comm op, ~1 min, needs g++ and ninja)
+"$PY" -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 "$PY" -m pip install -q "deepspeed>=0.18.6,<0.19.0" --no-build-isolation
 # our package without its (newer) pins, plus whatever of its dependencies Axolotl did not bring
 "$PY" -m pip install -q --no-deps -e .
 "$PY" -m pip install -q "pydantic>=2.7" "pyyaml>=6.0" "safetensors>=0.4" "tqdm>=4.66" "gguf>=0.10" \
@@ -45,5 +48,6 @@ assert torch.__version__.split("+")[0] == os.environ["TORCH_VERSION"], f"torch w
 from safeguard_plugin.integrations.axolotl import SafeguardPlugin  # imports Axolotl and our core with its pins
 assert SafeguardPlugin().get_input_args().endswith("SafeguardArgs")
 print("axolotl env ok:", ", ".join(f"{d} {md.version(d)}" for d in
-      ("axolotl", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "pydantic", "safeguard-plugin")))
+      ("axolotl", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "pydantic", "deepspeed",
+       "safeguard-plugin")))
 PYEOF

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import warnings
 from importlib.metadata import entry_points
+from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +33,8 @@ LORA_YAML = ROOT / "example_yamls" / "axolotl_lora_procon.yaml"
 FULL_YAML = ROOT / "example_yamls" / "axolotl_full_procon.yaml"
 GUARDSPACE_YAML = ROOT / "example_yamls" / "axolotl_lora_guardspace.yaml"
 QLORA_YAML = ROOT / "example_yamls" / "axolotl_qlora_adaptive_kl.yaml"
+ZERO2_YAML = ROOT / "example_yamls" / "axolotl_deepspeed_zero2_procon.yaml"
+ZERO3_YAML = ROOT / "example_yamls" / "axolotl_deepspeed_zero3_procon.yaml"
 KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
 PLUGIN = "safeguard_plugin.integrations.axolotl.SafeguardPlugin"
 BIN = Path(sys.executable).parent
@@ -562,3 +565,183 @@ def test_post_train_is_idempotent(tmp_path):
     assert saves == [str(tmp_path)] * 2  # adapters: both calls (the second follows Axolotl's own save)
     assert json.loads(first)["log_history"] == [{"loss": 1.0, "safeguard/penalty": 0.5, "step": 1}]
     SafeguardPlugin().post_train(cfg, model=None)  # never attached (no block): a no-op
+
+
+# ------------------------------------------------------------------- DeepSpeed through Axolotl (CPU, 1 process)
+needs_deepspeed = pytest.mark.skipif(find_spec("deepspeed") is None,
+                                     reason='deepspeed not installed in this venv (DS_BUILD_OPS=0 pip install '
+                                            '"deepspeed>=0.18.6,<0.19.0" --no-build-isolation)')
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(workspace, env):
+    """The two DeepSpeed example YAMLs as written, 1 process on CPU (the plugin opens the gloo group Axolotl would
+    open with NCCL), and the ZeRO-2 YAML without its `deepspeed:` line as the reference.
+
+    zero2: artifact missing -> calibrated inside the DeepSpeed run; zero3: `axolotl safeguard calibrate` on the ZeRO-3
+    YAML itself first (it loads the model without DeepSpeed); plain: zero2's artifact copied in (same model)."""
+    import shutil
+
+    runs = {"zero2": lora_run(workspace, env, "zero2", example(ZERO2_YAML))}
+    z3 = run_dir(workspace, "lora-zero3", example(ZERO3_YAML))
+    runs["zero3-calibrate"] = SimpleNamespace(proc=axolotl(["safeguard", "calibrate", "run.yaml"], z3, env))
+    assert runs["zero3-calibrate"].proc.returncode == 0, show(runs["zero3-calibrate"].proc)
+    proc = axolotl(["train", "run.yaml", "--launcher", "python"], z3, env)
+    assert proc.returncode == 0, show(proc)
+    runs["zero3"] = SimpleNamespace(proc=proc, dir=z3, out=z3 / example(ZERO3_YAML)["output_dir"])
+    plain = example(ZERO2_YAML)
+    del plain["deepspeed"]
+    d = run_dir(workspace, "lora-zero2-plain", plain)
+    shutil.copytree(runs["zero2"].dir / "safeguard-artifacts", d / "safeguard-artifacts")
+    proc = axolotl(["train", "run.yaml", "--launcher", "python"], d, env)
+    assert proc.returncode == 0, show(proc)
+    runs["plain"] = SimpleNamespace(proc=proc, dir=d, out=d / plain["output_dir"])
+    return runs
+
+
+def _history(run) -> list[dict]:
+    return json.loads((run.out / "safeguard_run.json").read_text())["log_history"]
+
+
+@needs_deepspeed
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_example_trains_on_cpu(deepspeed_runs, stage):
+    run = deepspeed_runs[f"zero{stage}"]
+    out = run.proc.output
+    assert "deepspeed without CUDA: gloo process group opened (1 process" in out, show(run.proc)
+    assert f"gradient accumulation 2 handled by the engine; DeepSpeed ZeRO-{stage}, 1 process (gloo)" in out
+    summary = json.loads((run.out / "safeguard_run.json").read_text())
+    assert summary["model_wrapped"] == "DeepSpeedEngine" and summary["deepspeed_zero_stage"] == stage
+    assert "model trained as DeepSpeedEngine" in out
+    if stage == 2:
+        assert "not found; calibrating" in out  # inside the DeepSpeed run
+    else:  # calibrated beforehand from the ZeRO-3 YAML itself (loaded without DeepSpeed), then used
+        assert "not found; calibrating" in deepspeed_runs["zero3-calibrate"].proc.output
+        assert "safeguard: using artifact" in out and "not found; calibrating" not in out
+    history = _history(run)
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and summary["optimizer_steps"] == 4
+    # ~0 at step 1 (no update yet), then the penalty works
+    assert all(h["safeguard/procon_loss"] > 1e-3 for h in history[1:]), history
+
+
+@needs_deepspeed
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_example_matches_the_run_without_deepspeed(deepspeed_runs, stage):
+    """Same YAML without `deepspeed:`: the same losses and adapter (fp32, 1 process). Measured here: ZeRO-2
+    |dw| 1.5e-8, ZeRO-3 see the README; the adapter moved ~4e-3 from its init in both."""
+    run, plain = deepspeed_runs[f"zero{stage}"], deepspeed_runs["plain"]
+    assert "DeepSpeed ZeRO" not in plain.proc.output and '"model_wrapped": "PeftModelForCausalLM"' in (
+        plain.out / "safeguard_run.json").read_text()
+    name = "adapter_model.safetensors"
+    dw = max_diff(tensors(run.out, name), tensors(plain.out, name))
+    moved = max(v.abs().max().item() for k, v in tensors(plain.out, name).items() if "lora_B" in k)
+    pairs = list(zip(_history(run), _history(plain), strict=True))
+    dloss = max(abs(a[k] - b[k]) for a, b in pairs for k in ("loss", "safeguard/procon_loss"))
+    print(f"zero{stage} vs no deepspeed: max |dw| {dw:.2e} (adapter B max {moved:.2e}), max |dloss| {dloss:.2e}")
+    assert dw < 1e-3 * moved and dloss < 1e-3, (dw, moved, dloss)
+
+
+# ------------------------------------------------------------- calibration once under a multi-process launch
+CALIBRATE_WORKER = """
+import hashlib, json, os, shutil, sys, time
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+base, layout = sys.argv[1], sys.argv[2]
+# 'nodes': every rank has its own working directory, as ranks on nodes without a shared filesystem do
+os.chdir(os.path.join(base, f"node{rank}") if layout == "nodes" else base)
+
+import safeguard_plugin.calibration as calibration
+from safeguard_plugin.config import load_config
+from safeguard_plugin.integrations.axolotl.plugin import ensure_artifact
+from safeguard_plugin.testing import tiny_model, tiny_tokenizer
+
+calls, real = [], calibration.calibrate
+def counted(*args, **kwargs):
+    calls.append(rank)
+    time.sleep(2)  # slow rank 0 down: the others must wait for it, not race it
+    return real(*args, **kwargs)
+calibration.calibrate = counted
+
+sg = load_config({"artifact": "./art", "procon": {}})
+model, tok = tiny_model(), tiny_tokenizer()
+out = {"rank": rank, "steps": []}
+
+def step(name):
+    try:
+        path = ensure_artifact({"base_model": "tiny"}, sg, model, tok)
+        digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        out["steps"].append([name, digest])
+    except Exception as e:
+        out["steps"].append([name, f"{type(e).__name__}: {e}"])
+
+if layout == "bad":  # rank 0's folder is not an artifact: every rank must fail, none may hang
+    step("bad")
+else:
+    step("calibrate")  # missing everywhere: rank 0 computes, the others wait (and, per node, receive it)
+    if layout == "nodes" and rank == 1:
+        shutil.rmtree("art")  # a node that lost it: receives rank 0's copy, nothing is recomputed
+    step("again")
+out["calls"] = calls
+print("RESULT " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def torchrun_calibrate(tmp_path: Path, env: dict, layout: str) -> dict[int, dict]:
+    script = tmp_path / "worker.py"
+    script.write_text(CALIBRATE_WORKER)
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir(exist_ok=True)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path),
+                           layout], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert proc.returncode == 0 and len(results) == 2, proc.stdout[-4000:]
+    return {r["rank"]: r for r in results}
+
+
+@pytest.mark.parametrize("layout", ["shared", "nodes"])
+def test_calibration_runs_once_under_torchrun(tmp_path, env, layout):
+    """2 processes (torchrun, gloo, CPU), the plugin's ensure_artifact as post_model_load calls it: rank 0 calibrates
+    once, rank 1 waits and then reads the same artifact -- from the shared folder, or (``nodes``: one working
+    directory per rank, no shared filesystem) from a copy rank 0 sends it."""
+    res = torchrun_calibrate(tmp_path, env, layout)
+    assert res[0]["calls"] == [0] and res[1]["calls"] == []  # computed once, by rank 0
+    for name in ("calibrate", "again"):
+        digests = {res[r]["steps"][i][1] for r in (0, 1) for i, s in enumerate(res[r]["steps"]) if s[0] == name}
+        assert len(digests) == 1 and len(next(iter(digests))) == 64, res  # the very same manifest on both ranks
+    if layout == "nodes":
+        assert (tmp_path / "node1/art/manifest.json").read_bytes() == (tmp_path / "node0/art/manifest.json").read_bytes()
+        assert not (tmp_path / "art").exists()
+    else:
+        assert (tmp_path / "art/manifest.json").is_file()
+
+
+def test_calibration_failure_on_rank0_reaches_every_rank(tmp_path, env):
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art/notes.txt").write_text("not an artifact")
+    res = torchrun_calibrate(tmp_path, env, "bad")
+    assert res[0]["steps"][0][1].startswith("FileExistsError: safeguard.artifact: art exists but holds no manifest")
+    assert res[1]["steps"][0][1].startswith("RuntimeError: safeguard: calibrating art failed on rank 0: "
+                                            "FileExistsError"), res
+
+
+def test_fp16_and_cpu_multiprocess_deepspeed_are_refused(monkeypatch):
+    """fp16's loss scaling would not reach the injected penalty gradient (the penalty silently ~65536x weaker);
+    DeepSpeed on CPU through Axolotl 0.19 works with 1 process only (see CPU_MULTI_PROCESS_MESSAGE)."""
+    from axolotl.utils.dict import DictDefault
+
+    from safeguard_plugin.integrations.axolotl.plugin import SafeguardPlugin, open_cpu_process_group
+
+    with pytest.raises(ValueError, match="fp16 mixed precision.*Set `fp16: false`"):
+        SafeguardPlugin().pre_model_load(DictDefault({**example(LORA_YAML), "fp16": True}))
+    assert all(example(p)["fp16"] is False for p in (ZERO2_YAML, ZERO3_YAML))
+    assert open_cpu_process_group(DictDefault(example(LORA_YAML))) is None  # no deepspeed: nothing to do
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ValueError, match="DeepSpeed without CUDA with 2 processes.*1 process only"):
+            open_cpu_process_group(DictDefault(example(ZERO2_YAML)))

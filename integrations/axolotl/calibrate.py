@@ -16,7 +16,8 @@ from safeguard_plugin.config import ConfigError
 def calibrate_from_axolotl_config(config: str | os.PathLike, **overrides) -> Path:
     """Compute ``safeguard.artifact`` of an Axolotl YAML if it is missing; return the artifact folder.
 
-    ``overrides`` are Axolotl config overrides, as ``axolotl train x.yaml --key value`` takes them. An existing
+    ``overrides`` are Axolotl config overrides, as ``axolotl train x.yaml --key value`` takes them. The model is
+    loaded without the YAML's ``deepspeed:`` (so a ZeRO-3 YAML can be calibrated as it is). An existing
     artifact is kept (delete the folder to recompute). Relative paths resolve against the working directory,
     as in ``axolotl train``.
     """
@@ -26,6 +27,9 @@ def calibrate_from_axolotl_config(config: str | os.PathLike, **overrides) -> Pat
 
     from .plugin import LOG, _artifact_ready, ensure_artifact, safeguard_block
 
+    # without DeepSpeed unless asked: ZeRO-3 would partition the model while it loads (nothing to calibrate on), and
+    # DeepSpeed does not change the loaded weights, dtype or tokenizer, so the fingerprint is the training run's
+    overrides.setdefault("deepspeed", None)
     cfg = load_cfg(str(config), **overrides)
     sg = safeguard_block(cfg)
     if sg is None:

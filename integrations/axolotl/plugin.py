@@ -6,15 +6,17 @@ Nothing of Axolotl's trainer is replaced (no ``get_trainer_cls``): the callback 
 
 * ``register``          -- banner naming the active constraints (logger ``axolotl.integrations.safeguard``); with
   GuardSpace, Axolotl's fused LoRA kernels are switched off here, before Axolotl's config validation would turn
-  them on (a YAML that sets them to true is refused, naming the keys).
+  them on (a YAML that sets them to true is refused, naming the keys). DeepSpeed without CUDA: opens the gloo process
+  group Axolotl would open with NCCL right after this hook (1 process; several are refused with the reasons).
 * ``get_input_args``    -- the nested ``safeguard:`` block (``args.SafeguardArgs``, our one schema, plus a config-level
   check: GuardSpace needs ``adapter: lora|qlora`` and the fused kernels off).
-* ``pre_model_load``    -- before the model is built: refuse 4/8-bit loading without CUDA (bitsandbytes), and
+* ``pre_model_load``    -- before the model is built: refuse 4/8-bit loading without CUDA (bitsandbytes), fp16
+  mixed precision (its loss scaling does not reach the injected penalty gradient), and
   fused LoRA kernels that are still on with GuardSpace.
 * ``pre_lora_load``     -- seed the RNG so LoRA initialisation is reproducible (Axolotl does not); with GuardSpace,
   calibrate a missing artifact here (it needs the base model's Linear layers, before LoRA wraps them).
 * ``post_model_load``   -- model fully set up: if the artifact folder is missing, calibrate it there from the
-  original weights (adapters disabled). Not earlier: between ``post_model_build`` and LoRA loading Axolotl's
+  original weights (adapters disabled); under several processes once, on rank 0 (see ``ensure_artifact``). Not earlier: between ``post_model_build`` and LoRA loading Axolotl's
   attention may already be patched for its fused LoRA kernels and cannot run a forward.
 * ``add_callbacks_post_trainer`` -- bind the callback to the trainer's final (PEFT-wrapped) model; it then
   precomputes reference values at train begin through Axolotl's dataloader/collator, scales the injected
@@ -39,6 +41,15 @@ from axolotl.integrations.base import BasePlugin
 
 from safeguard_plugin import __version__
 from safeguard_plugin.config import SafeguardConfig
+from safeguard_plugin.distributed import (
+    broadcast_object,
+    is_distributed,
+    is_main_process,
+    main_process_first,
+    sync_folder,
+    world_size,
+    zero3_active,
+)
 from safeguard_plugin.integrations.trl import SafeguardCallback
 from safeguard_plugin.modeling import is_peft_model
 
@@ -68,46 +79,73 @@ def _artifact_ready(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
+ZERO3_MESSAGE = (
+    "safeguard.artifact: {path} is missing and the model is partitioned (DeepSpeed ZeRO-3), so it cannot be "
+    "calibrated inside the run; compute it first with `axolotl safeguard calibrate <this yaml>` (it loads the model "
+    "without DeepSpeed), then launch the run again")
+
+
+def _calibrate(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, tokenizer, path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"safeguard.artifact: {path} exists but holds no manifest.json (not an artifact); "
+                              "point `artifact:` at an empty or missing folder to calibrate into it")
+    from safeguard_plugin.calibration import calibrate
+    from safeguard_plugin.data import load_prompts
+
+    LOG.info("safeguard: artifact %s not found; calibrating %s on the shipped harmful/harmless prompt sets "
+             "(cached there for later runs)%s", path, cfg.get("base_model"),
+             f"; rank 0 of {world_size()} computes it, the other ranks wait" if is_distributed() else "")
+    with model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
+        # only what this block uses (e.g. GuardSpace needs the base model before LoRA and is heavy)
+        art = calibrate(model, tokenizer, load_prompts("harmful"), load_prompts("harmless"), path,
+                        model_id=str(cfg.get("base_model")), constraints=list(sg.constraint_configs()),
+                        constraint_configs=sg.constraint_configs(),  # e.g. guardspace max_prompts, null_energy
+                        progress=True)
+    LOG.info("safeguard: wrote artifact\n%s", art.summary())
+
+
 def ensure_artifact(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, tokenizer=None) -> Path | None:
     """Calibrate ``model`` into ``sg.artifact`` unless an artifact is already there. Returns the folder.
 
-    Uses the original weights (PEFT adapters disabled). In a multi-process run rank 0 calibrates, the others wait.
+    Uses the original weights (PEFT adapters disabled). Under a multi-process launch (torchrun, accelerate,
+    deepspeed; one node or several) it runs once: rank 0 decides (does *its* folder hold an artifact?) and
+    calibrates while the other ranks wait (:func:`main_process_first`); then ranks that do not see the folder
+    (other nodes, no shared filesystem) receive rank 0's copy (:func:`sync_folder`). A failure on rank 0 is raised
+    on every rank, so no rank is left waiting. Collective: call it on every rank.
     """
     if not sg.artifact:
         return None
     path = Path(sg.artifact)
-    if _artifact_ready(path):
-        LOG.info("safeguard: using artifact %s", path)
-        return path
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"safeguard.artifact: {path} exists but holds no manifest.json (not an artifact); "
-                              "point `artifact:` at an empty or missing folder to calibrate into it")
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise RuntimeError(f"safeguard.artifact: {path} is missing and the model is partitioned (DeepSpeed ZeRO-3), "
-                           "so it cannot be calibrated inside the run; run `axolotl safeguard calibrate <yaml>` "
-                           "without ZeRO-3 first")
-    import torch.distributed as dist
-
-    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not multi or dist.get_rank() == 0:
-        from safeguard_plugin.calibration import calibrate
-        from safeguard_plugin.data import load_prompts
-
-        if tokenizer is None:
-            from axolotl.loaders import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg)
-        LOG.info("safeguard: artifact %s not found; calibrating %s on the shipped harmful/harmless prompt sets "
-                 "(cached there for later runs)", path, cfg.get("base_model"))
-        with model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
-            # only what this block uses (e.g. GuardSpace needs the base model before LoRA and is heavy)
-            art = calibrate(model, tokenizer, load_prompts("harmful"), load_prompts("harmless"), path,
-                            model_id=str(cfg.get("base_model")), constraints=list(sg.constraint_configs()),
-                            constraint_configs=sg.constraint_configs(),  # e.g. guardspace max_prompts, null_energy
-                            progress=True)
-        LOG.info("safeguard: wrote artifact\n%s", art.summary())
+    multi = is_distributed()
+    ready = _artifact_ready(path)
     if multi:
-        dist.barrier()
+        ready = bool(broadcast_object(ready))  # rank 0's view decides, the same on every rank
+    if ready:
+        LOG.info("safeguard: using artifact %s", path)
+        if multi:
+            sync_folder(path)
+        return path
+    if zero3_active(model):  # the same on every rank: all raise
+        raise RuntimeError(ZERO3_MESSAGE.format(path=path))
+    if tokenizer is None:  # on every rank: Axolotl's load_tokenizer may hold a barrier
+        from axolotl.loaders import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg)
+    error: BaseException | None = None
+    with main_process_first() as first:
+        if first:
+            try:
+                _calibrate(cfg, sg, model, tokenizer, path)
+            except Exception as exc:  # re-raised below, after the other ranks have been told
+                error = exc
+    if multi:
+        failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if failed is not None and error is None:
+            raise RuntimeError(f"safeguard: calibrating {path} failed on rank 0: {failed}")
+    if error is not None:
+        raise error
+    if multi:
+        sync_folder(path)
     return path
 
 
@@ -143,6 +181,48 @@ REENTRANT_MESSAGE = (
     "plugin then picks non-reentrant checkpointing)")
 
 
+CPU_MULTI_PROCESS_MESSAGE = (
+    "safeguard: DeepSpeed without CUDA with {world} processes: through Axolotl 0.19 this runs as 1 process only "
+    "(`--launcher python`). Measured here with 2 processes (torchrun, gloo): accelerate finds no backend for "
+    "DeepSpeed on CPU and counts 1 process (DeepSpeed's train_batch_size check fails); with that worked around, "
+    "ZeRO-2 fails in DeepSpeed 0.18.9's step ('Output 0 of Split is a view and is being modified inplace', fixed "
+    "in DeepSpeed >= 0.19, which Axolotl 0.19 does not accept) and ZeRO-3 trains but saves a broken adapter "
+    "(partitioned tensors of shape (0,)). On GPUs none of this applies. For a multi-process CPU test use the TRL "
+    "path (tests/test_deepspeed.py).")
+
+
+def open_cpu_process_group(cfg: Any) -> str | None:
+    """DeepSpeed without CUDA: open a gloo process group before Axolotl's set-up. Returns the banner line (None: no-op).
+
+    Axolotl 0.19 (``prepare_optim_env`` -> ``setup_deepspeed_env``, right after the plugins' ``register``) opens
+    DeepSpeed's process group itself with ``dist_backend="nccl"`` when ``WORLD_SIZE`` is 1, which fails without
+    CUDA. DeepSpeed's ``init_distributed`` adopts a torch process group that already exists, so opening a gloo
+    group first makes the same YAML run on CPU (1 process; several are refused, see ``CPU_MULTI_PROCESS_MESSAGE``).
+    """
+    if not cfg.get("deepspeed") or torch.cuda.is_available():
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ValueError(CPU_MULTI_PROCESS_MESSAGE.format(world=world))
+    for k in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(k, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # in-process: no port to pick
+    return "  deepspeed without CUDA: gloo process group opened (1 process; Axolotl would ask for NCCL)"
+
+
+FP16_MESSAGE = (
+    "safeguard: this config trains in fp16 mixed precision (`fp16: true`, or `bf16: auto` on a device without bf16, "
+    "which Axolotl turns into fp16 unless `fp16: false` is set). fp16's loss scaling multiplies the loss gradient "
+    "but not the penalty gradient the plugin injects, so the constraints would be weakened by the loss scale "
+    "(~65536) without any error. Set `fp16: false` (with `bf16: auto` this trains in bf16 where the GPU has it, "
+    "else fp32), or `bf16: true`.")
+
+
 def _reentrant(cfg: Any) -> bool:
     kwargs = cfg.get("gradient_checkpointing_kwargs") or {}
     return bool(kwargs.get("use_reentrant"))
@@ -158,6 +238,24 @@ def non_reentrant_checkpointing(cfg: Any) -> str:
         return "  gradient checkpointing: non-reentrant"
     cfg["gradient_checkpointing_kwargs"] = {**plain(kwargs or {}), "use_reentrant": False}
     return "  gradient checkpointing: non-reentrant (use_reentrant: false set by the plugin; Axolotl's default is true)"
+
+
+def _zero_stage(trainer: Any) -> int | None:
+    """The DeepSpeed ZeRO stage the trainer runs under (None without DeepSpeed)."""
+    if trainer is None or not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", None)
+
+
+def _deepspeed_note(trainer: Any) -> str:
+    stage = _zero_stage(trainer)
+    if stage is None:
+        return ""
+    import torch.distributed as dist
+
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "?"
+    return f"; DeepSpeed ZeRO-{stage}, {world_size()} process{'es' if world_size() > 1 else ''} ({backend})"
 
 
 class SafeguardPlugin(BasePlugin):
@@ -195,6 +293,8 @@ class SafeguardPlugin(BasePlugin):
             lines.append(switch_off_fused_kernels(cfg))
         if block is not None and cfg.get("gradient_checkpointing"):
             lines.append(non_reentrant_checkpointing(cfg))
+        if (line := open_cpu_process_group(cfg)) is not None:
+            lines.append(line)
         if guard_installed() is False:
             lines.append(f"  WARNING: the pydantic entry point '{ENTRY_POINT_NAME}' is not installed (or disabled by "
                          "PYDANTIC_DISABLE_PLUGINS): a `safeguard:` block in a run where this plugin fails to load "
@@ -215,6 +315,8 @@ class SafeguardPlugin(BasePlugin):
                 "GPU; no CUDA device is visible here. Run it on a GPU machine, or, to try it on CPU, set "
                 "`adapter: lora` and `load_in_4bit: false` / `load_in_8bit: false`."
             )
+        if cfg.get("fp16"):
+            raise ValueError(FP16_MESSAGE)
         if "guardspace" in sg.constraint_configs():
             on = guardspace_kernel_conflicts(cfg)
             if on:  # too late to switch off: Axolotl patched the attention class before this hook
@@ -253,9 +355,9 @@ class SafeguardPlugin(BasePlugin):
         # very model object the trainer will call (PEFT-wrapped under LoRA)
         callback._bind(trainer, trainer.model, getattr(trainer, "processing_class", None))
         model = callback.engine.model
-        LOG.info("safeguard: attached to %s training %s%s; gradient accumulation %s handled by the engine",
+        LOG.info("safeguard: attached to %s training %s%s; gradient accumulation %s handled by the engine%s",
                  type(trainer).__name__, type(model).__name__, " (PEFT adapters)" if is_peft_model(model) else "",
-                 trainer.args.gradient_accumulation_steps)
+                 trainer.args.gradient_accumulation_steps, _deepspeed_note(trainer))
         self.callback, self._finished = callback, False
         return [callback]
 
@@ -264,7 +366,7 @@ class SafeguardPlugin(BasePlugin):
             return
         trainer = self.callback.trainer
         out_dir = cfg.get("output_dir")
-        main = trainer is None or trainer.is_world_process_zero()
+        main = is_main_process() and (trainer is None or trainer.is_world_process_zero())
         if out_dir and main:
             # both calls: the second comes after Axolotl's own save, whose adapter_model.safetensors lacks
             # GuardSpace's projector and residual; save_guardspace's export (identical outputs) replaces it
@@ -275,6 +377,7 @@ class SafeguardPlugin(BasePlugin):
             return
         self._finished = True
         engine = self.callback.engine
+        wrapped = type(getattr(trainer, "model_wrapped", None)).__name__ if trainer is not None else None
         history = [dict(h) for h in getattr(getattr(trainer, "state", None), "log_history", [])
                    if any(str(k).startswith("safeguard/") for k in h)]
         summary = {
@@ -285,6 +388,9 @@ class SafeguardPlugin(BasePlugin):
             "optimizer_steps": engine.optimizer_steps_seen,
             "position_coverage": engine.n_rows_found / engine.n_rows if engine.n_rows else None,
             "nan_skipped": engine.nan_skipped,
+            "model_wrapped": wrapped,  # DeepSpeedEngine under DeepSpeed
+            "deepspeed_zero_stage": _zero_stage(trainer),
+            "world_size": world_size(),
             "stop_reason": engine.stop_reason,
             "adapters": self._adapter_dirs,
             "log_history": history,
@@ -294,5 +400,6 @@ class SafeguardPlugin(BasePlugin):
             os.makedirs(out_dir, exist_ok=True)
             path = Path(out_dir) / RUN_FILE
             path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            LOG.info("safeguard: %d optimizer steps with %s; summary in %s", summary["optimizer_steps"],
-                     ", ".join(c.name for c in engine.constraints), path)
+            LOG.info("safeguard: %d optimizer steps with %s (model trained as %s, %d process%s); summary in %s",
+                     summary["optimizer_steps"], ", ".join(c.name for c in engine.constraints), wrapped,
+                     summary["world_size"], "es" if summary["world_size"] > 1 else "", path)
