@@ -220,7 +220,7 @@ def train_sae(acts: torch.Tensor, d_sae: int, k: int = 32, steps: int = 400, bat
         with torch.no_grad():
             sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
         if progress:
-            it.set_postfix(fvu=f"{float(loss):.3f}")
+            it.set_postfix(fvu=f"{float(loss.detach()):.3f}")
     sae.requires_grad_(False)
     stats = sae_quality(sae, ho if n_ho else tr)
     stats["train_fvu_last"] = float(loss.detach())
