@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,37 @@ def tokenizer_hash(tokenizer) -> str:
     return sha256_text([str(template), str(len(tokenizer)), type(tokenizer).__name__])[:16]
 
 
+def _write_component(tensors: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    save_file(tensors, str(path), metadata={"component": name})
+
+
+def write_folder_atomic(out_dir: str | os.PathLike, files: dict[str, bytes | Callable[[Path], None]]) -> Path:
+    """Write ``{relative path: bytes, or a function writing that path}`` as the folder ``out_dir``, replacing it
+    atomically: the files go to a temporary sibling first, so a reader (or an interrupted write) never sees a
+    half-written folder."""
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if callable(data):
+                data(tmp / rel)
+            else:
+                (tmp / rel).write_bytes(data)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- artifact
 class Artifact:
     """In-memory view of an artifact folder: manifest + named tensor components."""
@@ -166,28 +199,12 @@ class Artifact:
 
     # -- io
     def save(self, out_dir: str | os.PathLike) -> Path:
-        out = Path(out_dir).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            for name, tensors in self.tensors.items():
-                save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"component": name})
-            for rel, data in self.files.items():
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(data)
-            (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.path = out
-        return out
+        files: dict[str, bytes | Callable[[Path], None]] = {
+            f"{name}.safetensors": partial(_write_component, tensors, name) for name, tensors in self.tensors.items()}
+        files.update(self.files)
+        files[MANIFEST] = (json.dumps(self.manifest, indent=2, sort_keys=False) + "\n").encode()
+        self.path = write_folder_atomic(out_dir, files)
+        return self.path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Artifact:

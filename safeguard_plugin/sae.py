@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,27 +101,9 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the SAELens folder atomically (a reader never sees a half-written SAE)."""
-        out = Path(folder).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            for name, data in self.to_files().items():
-                (tmp / name).write_bytes(data)
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                import shutil
+        from .artifacts import write_folder_atomic
 
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        return write_folder_atomic(folder, self.to_files())
 
     @classmethod
     def from_files(cls, cfg_bytes: bytes, weight_bytes: bytes, where: str = "SAE") -> SparseAutoencoder:
