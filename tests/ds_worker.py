@@ -6,7 +6,8 @@ the logged losses and the trained weights (full fp32, as the optimizer sees them
     torchrun --nproc_per_node 2 tests/ds_worker.py --stage 3 ...       # ZeRO-3
 
 One launch runs every case (``--cases``) one after the other, so the process start-up is paid once per stage.
-Writes ``<out>/<case>-<stage>.pt`` (rank 0): {"losses", "params", "engine", "world_size", "metrics"}.
+Writes (rank 0) ``<out>/<case>-<stage>.safetensors``: the trained params, with {"losses", "engine", "world_size",
+"metrics", "stop_reason"} as JSON in the file's metadata (no pickle).
 """
 
 from __future__ import annotations
@@ -124,8 +125,12 @@ def run_case(name: str, stage: int, art: str, out: str, tok) -> None:
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     metrics = [{k: v for k, v in h.items() if k.startswith("safeguard/")} for h in tr.state.log_history if "loss" in h]
     if is_main_process():
-        torch.save({"losses": losses, "params": params, "engine": engine_type, "world_size": ws, "metrics": metrics,
-                    "stop_reason": cb.engine.stop_reason}, os.path.join(out, f"{name}-{stage}.pt"))
+        from safetensors.torch import save_file
+
+        info = {"losses": losses, "engine": engine_type, "world_size": ws, "metrics": metrics,
+                "stop_reason": cb.engine.stop_reason}
+        save_file({k: v.contiguous() for k, v in params.items()}, os.path.join(out, f"{name}-{stage}.safetensors"),
+                  metadata={"info": json.dumps(info)})
     if stage:
         tr.accelerator.free_memory()
         import deepspeed

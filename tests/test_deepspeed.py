@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 CASES = ["procon", "adaptive_kl", "adaptive_kl_full", "guardspace", "cwac", "cwac_full", "monitor", "procon_zinit",
@@ -44,7 +43,19 @@ def results(artifact_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds")
     for stage in (0, 2, 3):
         _launch(stage, artifact_dir, out)
-    return {(c, s): torch.load(out / f"{c}-{s}.pt") for c in CASES for s in (0, 2, 3)}
+    return {(c, s): _read(out / f"{c}-{s}.safetensors") for c in CASES for s in (0, 2, 3)}
+
+
+def _read(path: Path) -> dict:
+    """A worker result: trained params (safetensors) + the JSON record in its metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()["info"])
+        info["params"] = {k: f.get_tensor(k) for k in f.keys()}
+    return info
 
 
 @pytest.mark.deepspeed
