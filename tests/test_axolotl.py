@@ -686,7 +686,9 @@ else:
         shutil.rmtree("art")  # a node that lost it: receives rank 0's copy, nothing is recomputed
     step("again")
 out["calls"] = calls
-print("RESULT " + json.dumps(out), flush=True)
+# one file per rank: two ranks printing to one pipe can interleave their lines
+with open(os.path.join(base, f"result{rank}.json"), "w") as f:
+    json.dump(out, f)
 dist.destroy_process_group()
 """
 
@@ -699,8 +701,9 @@ def torchrun_calibrate(tmp_path: Path, env: dict, layout: str) -> dict[int, dict
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path),
                            layout], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=300)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
-    assert proc.returncode == 0 and len(results) == 2, proc.stdout[-4000:]
+    files = [tmp_path / f"result{r}.json" for r in (0, 1)]
+    assert proc.returncode == 0 and all(f.is_file() for f in files), proc.stdout[-4000:]
+    results = [json.loads(f.read_text()) for f in files]
     return {r["rank"]: r for r in results}
 
 
