@@ -128,17 +128,15 @@ def benchmark_methods() -> dict[str, dict | None]:
     from .registry import available_constraints
 
     methods: dict[str, dict | None] = {"base": None, "sft": None}
-    per = {}
+    per, classes = {}, {}
     for name, cls in available_constraints().items():
         for label, cfg in (cls.benchmark_configs() or {}).items():
             methods[label] = {name: cfg}
-            per.setdefault(name, cfg)
-    if "guardspace" in per and "cwac" in per:
-        # GuardSpace's adapters start from non-zero factors, which CWAC's factor projection refuses: combine CWAC's
-        # SAE term with GuardSpace's own update restriction
-        per["cwac"] = {**per["cwac"], "projection": False}
-    if len(per) >= 2:
-        methods["all"] = dict(per)
+            if name not in per:
+                per[name], classes[name] = cfg, cls
+    if len(per) >= 2:  # "all combined": each constraint's first row, adjusted by it to the others it runs with
+        methods["all"] = {name: classes[name].combined_benchmark_config(
+            cfg, {n: c for n, c in classes.items() if n != name}) for name, cfg in per.items()}
     return methods
 
 

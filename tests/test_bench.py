@@ -23,6 +23,18 @@ def test_methods_come_from_the_registry():
     assert "monitor" not in methods
 
 
+def test_all_combined_row_is_adjusted_by_the_constraints():
+    """CWAC's factor projection refuses adapters that start non-zero; GuardSpace declares that it builds such
+    adapters, so in "all" CWAC keeps its SAE term and drops the projection. Alone, CWAC keeps both."""
+    methods = bench.benchmark_methods()
+    assert set(methods["all"]) >= {"procon", "cwac", "guardspace", "adaptive_kl"}
+    assert methods["all"]["cwac"]["projection"] is False and methods["cwac"] == {"cwac": {}}
+    assert methods["all"]["procon"] == methods["procon"]["procon"]
+    from safeguard_plugin.constraints.cwac import CWAC
+    from safeguard_plugin.constraints.procon import ProCon
+    assert CWAC.combined_benchmark_config({}, {"procon": ProCon}) == {}
+
+
 def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys):
     b = bench.Bench("tiny", "smoke", tmp_path, methods=["base", "sft", "procon"], progress=False)
     res = b.run()

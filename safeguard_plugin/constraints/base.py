@@ -169,6 +169,8 @@ class Constraint:
     uses_final_hidden: ClassVar[bool] = False  # penalty at the final hidden states (LM head input)
     # metrics() reads trainable parameters (e.g. adapter factors): under ZeRO-3 the engine gathers them around it
     metrics_read_params: ClassVar[bool] = False
+    # modify_model() starts adapters from non-zero factors (BA != 0 at step 0, e.g. GuardSpace's CorDA-style init)
+    nonzero_adapter_init: ClassVar[bool] = False
 
     def __init__(self, config: ConstraintConfig, artifact: Artifact | None):
         self.config = config
@@ -186,6 +188,12 @@ class Constraint:
     def benchmark_configs(cls) -> dict[str, dict]:
         """``{row label: config section}`` rows this constraint contributes to ``safeguard bench`` (none by default)."""
         return {}
+
+    @classmethod
+    def combined_benchmark_config(cls, config: dict, others: dict[str, type[Constraint]]) -> dict:
+        """This constraint's section in the benchmark's "all combined" row, given the other constraints in it
+        (``{name: class}``): adjust ``config`` (its first benchmark row) to stay compatible with them."""
+        return config
 
     # -- calibration (offline)
     @classmethod

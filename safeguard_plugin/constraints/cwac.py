@@ -657,6 +657,14 @@ class CWAC(Constraint):
         return {"cwac": {}, "cwac_weight": {"sae_weight": 0.0}, "cwac_sae": {"projection": False}}
 
     @classmethod
+    def combined_benchmark_config(cls, config: dict, others: dict) -> dict:
+        if any(o.nonzero_adapter_init for o in others.values()):
+            # the factor projection refuses adapters that start non-zero: keep the SAE term, and leave the update
+            # restriction to the constraint that built those adapters (GuardSpace's null-space projector)
+            return {**config, "projection": False}
+        return config
+
+    @classmethod
     def calibrate(cls, ctx, artifact, config: CWACConfig | dict | None = None) -> None:
         cfg = config if config is not None else (getattr(ctx, "constraint_configs", None) or {}).get(cls.name)
         cfg = cfg if isinstance(cfg, CWACConfig) else CWACConfig(**(cfg or {}))

@@ -688,6 +688,7 @@ class GuardSpace(Constraint):
     name = "guardspace"
     config_class = GuardSpaceConfig
     metrics_read_params = True  # the update norm reads lora_A / lora_B (gathered under ZeRO-3 by the engine)
+    nonzero_adapter_init = True  # adapters start from the safety-irrelevant SVD components
     requires = (COMPONENT,)
 
     def __init__(self, config: GuardSpaceConfig, artifact):
