@@ -34,6 +34,8 @@ VARIANTS = {
     "cwac_weight": {"cwac": {"sae_weight": 0.0}},
     "cwac_sae": {"cwac": {"projection": False}},
     "cwac": {"cwac": {}},
+    # GuardSpace adapters (same rank as plain LoRA) with the null-space projector on their input
+    "guardspace": {"guardspace": {"null_energy": 0.01}},
 }
 
 
@@ -102,13 +104,18 @@ def main() -> int:
         model, tok = _load(args.model)
         args.artifact = str(Path(tempfile.mkdtemp()) / "artifact")
         names = sorted({n for v in args.variants.split(",") for n in (VARIANTS[v] or {})})
-        calibrate(model, tok, load_prompts("harmful", limit=64), load_prompts("harmless", limit=64), args.artifact,
+        # GuardSpace needs more harmful tokens than the widest layer input (else its null space is ~everything)
+        lim = 128 if "guardspace" in names else 64
+        calibrate(model, tok, load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim), args.artifact,
                   model_id=args.model, constraints=names, progress=True)
         del model
     order = ["plain"] + args.variants.split(",")
     runs: dict[str, list[dict]] = {v: [] for v in order}
+    failed: set[str] = set()
     for rep in range(args.repeats):
         for v in order:
+            if v in failed:
+                continue
             cmd = [sys.executable, __file__, "--child", v, "--model", args.model, "--steps", str(args.steps),
                    "--skip", str(args.skip), "--batch-size", str(args.batch_size), "--answer-words",
                    str(args.answer_words), "--lora-r", str(args.lora_r), "--artifact", args.artifact]
@@ -118,7 +125,11 @@ def main() -> int:
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
                 sys.stderr.write(out.stdout[-3000:] + out.stderr[-3000:])
-                raise SystemExit(f"variant {v} failed")
+                if v == "plain":
+                    raise SystemExit("the plain baseline failed")
+                print(f"variant {v} failed (error above); the other variants go on", flush=True)
+                failed.add(v)
+                continue
             runs[v].append(json.loads(line[len("RESULT "):]))
     base_t = statistics.median(r["step_median_s"] for r in runs["plain"])
     base_m = max(r["peak_bytes"] for r in runs["plain"])
@@ -126,6 +137,9 @@ def main() -> int:
              "|---|---|---|---|---|---|"]
     summary = {}
     for v in order:
+        if v in failed:
+            table.append(f"| {v} | failed | – | – | – | – |")
+            continue
         t = statistics.median(r["step_median_s"] for r in runs[v])
         m = max(r["peak_bytes"] for r in runs[v])
         o = statistics.median(r["outside_steps_s"] for r in runs[v])
@@ -136,8 +150,9 @@ def main() -> int:
               f"{args.repeats} alternating repeats, device {'cuda' if os.environ.get('CUDA_VISIBLE_DEVICES') else 'cpu'}")
     print(header + "\n" + "\n".join(table))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": vars(args), "summary": summary, "runs": runs}, indent=2))
-    return 0
+    Path(args.out).write_text(json.dumps({"config": vars(args), "summary": summary, "runs": runs,
+                                          "failed": sorted(failed)}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

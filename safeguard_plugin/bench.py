@@ -53,6 +53,10 @@ class BenchProfile:
     gen_batch_size: int = 16
     seed: int = 0
     calibration_limit: int | None = None
+    # the live safety monitor (warn only) on every trained run, every N steps: safety-over-training curves for
+    # plain SFT and each method on the same held-out measurement (None: off)
+    monitor_every: int | None = None
+    monitor_prompts: int = 16
     method_overrides: dict[str, dict] = field(default_factory=dict)
 
 
@@ -63,6 +67,7 @@ def _profiles() -> dict[str, BenchProfile]:
             description=("small CPU profile (2 cores, <60 min): 200 training examples, 30 LoRA steps, eval on 64 "
                          "harmful / 24 borderline / 40 harmless / 40 task prompts with 24 new tokens. Numbers are "
                          "indicative; use --profile paper on a GPU for the literature protocol."),
+            monitor_every=5,
         ),
         "paper": BenchProfile(
             name="paper",
@@ -70,11 +75,12 @@ def _profiles() -> dict[str, BenchProfile]:
                          "of LoRA SFT, full held-out evaluation."),
             n_train=1000, ratios=(0.0, 0.05, 0.1, 0.2), steps=375, lr=1e-4, n_harmful_eval=10_000,
             n_borderline=10_000, n_harmless=10_000, n_task=200, max_new_tokens=128, max_length=512,
+            monitor_every=25, monitor_prompts=64,
         ),
         "smoke": BenchProfile(
             name="smoke", description="plumbing check on a tiny random model (seconds; no effect expected)",
             n_train=32, steps=3, batch_size=4, n_harmful_eval=4, n_borderline=2, n_harmless=2, n_task=4,
-            max_new_tokens=4, task_new_tokens=4, calibration_limit=32,
+            max_new_tokens=4, task_new_tokens=4, calibration_limit=32, monitor_every=1, monitor_prompts=4,
         ),
     }
 
@@ -165,6 +171,7 @@ class Bench:
                 raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(all_methods)}")
         self.methods = {m: all_methods[m] for m in (methods or all_methods)}
         self.progress = progress
+        self.reused = 0  # runs taken from an earlier invocation (not timed by this one)
         self._model = self._tok = None
 
     def say(self, msg: str) -> None:
@@ -253,6 +260,7 @@ class Bench:
         path = self.out / "runs" / f"{method}_p{ratio:g}.json"
         if path.exists():
             self.say(f"  {method} @ p={ratio:g}: done earlier, reusing {path}")
+            self.reused += 1
             return json.loads(path.read_text())
         model, tok = self.load()
         p = self.profile
@@ -264,6 +272,9 @@ class Bench:
             cfg = None
             if self.methods[method]:
                 cfg = {"artifact": str(artifact), **self.methods[method], **p.method_overrides.get(method, {})}
+            if p.monitor_every:  # measure only (warn): the same safety curve for every method, plain SFT included
+                cfg = cfg or {"artifact": str(artifact)}
+                cfg["monitor"] = {"every_n_steps": p.monitor_every, "n_prompts": p.monitor_prompts, "action": "warn"}
             gc.collect()
             with _PeakRSS() as mem:
                 res = sft(clean_copy(model), tok, data["rows"], steps=p.steps, output_dir=str(self.out / "tmp"),
@@ -290,9 +301,12 @@ class Bench:
         from . import benchdata
 
         t0 = time.perf_counter()
+        self.reused = 0
         self.say(f"safeguard bench: model {self.model_spec}, profile {self.profile.name}, methods "
                  f"{list(self.methods)}, ratios {list(self.profile.ratios)} -> {self.out}")
-        artifact = self.artifact() if any(self.methods.values()) else None
+        trains = any(m != "base" for m in self.methods)
+        needs = any(self.methods.values()) or (trains and self.profile.monitor_every)
+        artifact = self.artifact() if needs else None
         runs = []
         base_done = None
         for ratio in self.profile.ratios:
@@ -307,7 +321,7 @@ class Bench:
         judge = benchdata.judge_accuracy()
         results = {"model": self.model_spec, "profile": asdict(self.profile), "judge": judge,
                    "runs": [{k: v for k, v in r.items() if k != "log_history"} for r in runs],
-                   "wall_seconds": time.perf_counter() - t0}
+                   "wall_seconds": time.perf_counter() - t0, "reused_runs": self.reused}
         _add_ratios(results["runs"])
         _atomic_json(self.out / "results.json", results)
         from .report import write_report

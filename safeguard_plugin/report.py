@@ -94,6 +94,25 @@ def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         files.append(_save(fig, out / "penalty_drift.png"))
+    # 4. the live monitor's held-out safety measurements over training, every trained method (plain SFT included)
+    monitored = [r for r in full_runs if any("safeguard/monitor_score_drop" in h for h in r.get("log_history") or [])]
+    if monitored:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for r in monitored:
+            hist = [h for h in r["log_history"] if "safeguard/monitor_score_drop" in h]
+            steps = [0] + [h["step"] for h in hist]
+            label = f"{r['method']} p={r['ratio']:g}"
+            axes[0].plot(steps, [0.0] + [-h["safeguard/monitor_score_drop"] for h in hist], marker="o", label=label)
+            axes[1].plot(steps, [0.0] + [h["safeguard/monitor_projection_shift"] for h in hist], marker="o", label=label)
+        axes[0].set_title("held-out harmful refusal score, change from step 0")
+        axes[0].set_ylabel("Δ refusal log-odds (↓ = less refusal)")
+        axes[1].set_title("harmful prompts' projection on r, change from step 0")
+        axes[1].set_ylabel("std units")
+        for ax in axes:
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        files.append(_save(fig, out / "safety_during_training.png"))
     return files
 
 
@@ -119,8 +138,17 @@ def write_report(results: dict[str, Any], full_runs: list[dict], out: str | Path
         md += [f"Refusal judge (keyword) validated on {judge.get('n')} labelled responses "
                f"({judge.get('source', 'pyrit refusal scorer set')}): accuracy {100 * judge['accuracy']:.1f}%, "
                f"precision {100 * judge['precision']:.1f}%, recall {100 * judge['recall']:.1f}%.", ""]
+    if prof.get("monitor_every"):
+        md += [f"Every trained run had the live safety monitor on (`monitor: {{every_n_steps: {prof['monitor_every']}, "
+               f"n_prompts: {prof.get('monitor_prompts')}, action: warn}}`; it measures, adds no loss term and changes "
+               "no weight), so `safety_during_training.png` shows the same held-out measurement for plain SFT and "
+               "each method. Its checks run inside the timed steps (every "
+               f"{prof['monitor_every']}th step), which the median step time mostly ignores.", ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
-    md += ["", f"Wall time: {results['wall_seconds'] / 60:.1f} min."]
+    reused = results.get("reused_runs") or 0
+    md += ["", f"Wall time: {results['wall_seconds'] / 60:.1f} min" + (
+        f" (this invocation; {reused} run(s) finished by an earlier invocation were reused, not timed)." if reused
+        else ".")]
     text = "\n".join(md) + "\n"
     (out / "report.md").write_text(text)
     return text

@@ -47,8 +47,15 @@ def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys
     assert saved["judge"]["accuracy"] == 0.9
     report = (tmp_path / "report.md").read_text()
     assert "| procon | 0.1 |" in report and "smoke" in report
-    for png in ("refusal_vs_accuracy.png", "refusal_vs_ratio.png", "penalty_drift.png"):
+    for png in ("refusal_vs_accuracy.png", "refusal_vs_ratio.png", "penalty_drift.png", "safety_during_training.png"):
         assert (tmp_path / png).stat().st_size > 1000
+    # the live monitor measured plain SFT and ProCon alike (every step in the smoke profile), and only measured
+    for name in ("sft", "procon"):
+        run = json.loads((tmp_path / "runs" / f"{name}_p0.1.json").read_text())
+        checks = [h for h in run["log_history"] if "safeguard/monitor_score_drop" in h]
+        assert [h["step"] for h in checks] == [1, 2, 3], name
+        assert run["config"] == (None if name == "sft" else {"procon": bench.benchmark_methods()["procon"]["procon"]})
+    assert "safety_during_training.png" in report and "changes no weight" in report
     # a second run resumes: nothing is retrained
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
     b2 = bench.Bench("tiny", "smoke", tmp_path, methods=["base", "sft", "procon"], progress=True)
