@@ -197,6 +197,23 @@ def test_empty_or_trivial_null_space_fails_naming_the_layer(tok, gs_art):
         GuardSpace(GuardSpaceConfig(null_energy=0.001), art)
 
 
+def test_near_identity_projector_error_names_the_cause(gs_art):
+    """Rank deficiency (few calibration tokens) and a massive activation (one direction holding nearly all the
+    energy) both give a near-identity projector; the error says which one it is and what to change."""
+    import copy
+
+    art, _ = gs_art
+    with pytest.raises(GuardSpaceError, match="rank-deficient"):
+        GuardSpace(GuardSpaceConfig(max_null_fraction=0.05), art)
+    massive = copy.deepcopy(art)
+    meta = massive.manifest["components"]["guardspace"]
+    for g in meta["groups"].values():
+        g["lambda_max"] = 0.9995 * g["trace"]
+    with pytest.raises(GuardSpaceError, match=r"holds 99\.95% of the harmful-input energy .*massive activation.*"
+                                              "target_modules"):
+        GuardSpace(GuardSpaceConfig(max_null_fraction=0.05), massive)
+
+
 def test_save_reload_export_and_merge_keep_projector(gs_art, batch, tmp_path):
     art, _ = gs_art
     m = prepare_guardspace_model(model(), art, rank=RANK)

@@ -748,10 +748,19 @@ class GuardSpace(Constraint):
                 f"{where}: the null space has {k} dims, below min_null_dim={min_dim} (the adapter's rank {r} could "
                 "not be used). Raise guardspace.null_energy, or lower min_null_dim / the rank.")
         if k / d > cfg.max_null_fraction:
+            lm = self.meta["layers"][key]
+            g = self.meta["groups"][str(lm["group"])]
+            top = float(g["lambda_max"]) / float(g["trace"]) if float(g["trace"]) > 0 else 0.0
+            n_tok = int(self.meta.get("n_tokens", 0))
+            why = (f"one input direction holds {top:.2%} of the harmful-input energy (a massive activation), so the "
+                   f"bottom {cfg.null_energy:g} of the energy spans almost every other direction: lower "
+                   "guardspace.null_energy (and re-calibrate with it), or leave this module out of target_modules"
+                   if top > 1 - 10 * cfg.null_energy else
+                   f"the covariance is rank-deficient ({n_tok} calibration tokens): use more harmful calibration "
+                   "prompts or a lower null_energy")
             raise GuardSpaceError(
                 f"{where}: the null space covers {k}/{d} dims (> max_null_fraction={cfg.max_null_fraction}): the "
-                "projector is near identity and would not protect anything; use more harmful calibration prompts "
-                "(the covariance is rank-deficient) or a lower null_energy.")
+                f"projector is near identity and would not protect anything; {why}.")
 
     # -- reports
     def null_space_report(self) -> dict[str, dict[str, float]]:
