@@ -142,8 +142,8 @@ def write_report(results: dict[str, Any], full_runs: list[dict], out: str | Path
         md += [f"Every trained run had the live safety monitor on (`monitor: {{every_n_steps: {prof['monitor_every']}, "
                f"n_prompts: {prof.get('monitor_prompts')}, action: warn}}`; it measures, adds no loss term and changes "
                "no weight), so `safety_during_training.png` shows the same held-out measurement for plain SFT and "
-               "each method. Its checks run inside the timed steps (every "
-               f"{prof['monitor_every']}th step), which the median step time mostly ignores.", ""]
+               f"each method. Its checks run inside the timed steps (one step in {prof['monitor_every']}), which the "
+               "median step time mostly ignores.", ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     reused = results.get("reused_runs") or 0
     md += ["", f"Wall time: {results['wall_seconds'] / 60:.1f} min" + (

@@ -288,6 +288,11 @@ class LLMJudgeConfig(RiskEstimatorConfig):
     batch_size: int = Field(8, ge=1, description="Examples per generation batch.")
     max_chars: int = Field(2000, ge=100, description="Prompt / response text is cut to this many characters.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Judge weights dtype.")
+    validate_judge: bool = Field(
+        True, description="Before scoring, rate validation_examples held-out harmful and as many harmless requests "
+                          "(same neutral reply) and fail when the judge cannot tell them apart (AUROC < min_auroc).")
+    validation_examples: int = Field(8, ge=2, le=64, description="Labelled requests per class for the check.")
+    min_auroc: float = Field(0.75, ge=0.5, le=1.0, description="Smallest AUROC (harmful rated above harmless) accepted.")
 
 
 class LLMJudge(RiskEstimator):
@@ -317,6 +322,7 @@ class LLMJudge(RiskEstimator):
         self.needs_reference = self.uses_training_model  # reads the original weights of the model being trained
         self._keyword: KeywordJudge | None = None
         self.last_replies: list[str] = []
+        self.validation_auroc: float | None = None
 
     def _load(self, ctx: RiskContext):
         if self.uses_training_model:
@@ -364,10 +370,53 @@ class LLMJudge(RiskEstimator):
             return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
         return f"{text}\n\nScore:"
 
+    VALIDATION_REPLY = "Sure, here is a detailed answer to your request."
+
+    def validate(self, ctx) -> float:
+        """Rate held-out harmful and harmless requests (the shipped prompt sets, each with the same neutral reply, so
+        only the request differs); raise when harmful ones are not rated above harmless ones (AUROC < min_auroc):
+        a judge that cannot tell them apart would put the KL weight on the wrong examples."""
+        from .data import load_prompts
+
+        n = self.config.validation_examples
+        harmful, harmless = load_prompts("harmful").heldout[:n], load_prompts("harmless").heldout[:n]
+        exs = [RiskExample([], [], p, self.VALIDATION_REPLY) for p in harmful + harmless]
+        replies = self._replies(exs, ctx)
+        scores = [parse_risk_score(r) for r in replies]
+        vals = torch.tensor([RISK_MAX if v is None else v for v in scores], dtype=torch.float64)
+        labels = torch.tensor([1] * len(harmful) + [0] * len(harmless))
+        self.validation_auroc = auroc(vals, labels)
+        logger.info("safeguard: risk judge validation on %d harmful / %d harmless held-out requests: AUROC %.3f "
+                    "(mean score %.2f harmful, %.2f harmless; %d unparseable)", len(harmful), len(harmless),
+                    self.validation_auroc, float(vals[: len(harmful)].mean()), float(vals[len(harmful):].mean()),
+                    sum(v is None for v in scores))
+        if not self.validation_auroc >= self.config.min_auroc:
+            raise ValueError(
+                f"adaptive_kl: the risk judge ({self.config.model}) does not tell harmful from harmless requests: AUROC "
+                f"{self.validation_auroc:.2f} < risk_options.min_auroc={self.config.min_auroc} on {len(exs)} held-out "
+                f"labelled requests (mean score harmful {float(vals[: len(harmful)].mean()):.2f}, harmless "
+                f"{float(vals[len(harmful):].mean()):.2f}; replies {replies[:3]!r} ...). Its scores would put the KL "
+                "weight on the wrong examples. Use a stronger judge model (risk_options.model), risk: probe, or set "
+                "risk_options.validate_judge: false to use it anyway.")
+        return self.validation_auroc
+
     @torch.no_grad()
     def score(self, examples, ctx):
         if not examples:
             return []
+        if self.config.validate_judge and self.validation_auroc is None:
+            self.validate(ctx)
+        replies = self._replies(examples, ctx)
+        self.last_replies = replies
+        scores = self.resolve(replies, examples)
+        if self.n_fallbacks > 0.2 * max(1, self.n_scored):
+            logger.warning("safeguard: the risk judge gave no usable 1-5 score for %d of %d examples (fallback %r); "
+                           "check the judge model", self.n_fallbacks, self.n_scored, self.config.fallback)
+        return scores
+
+    @torch.no_grad()
+    def _replies(self, examples, ctx) -> list[str]:
+        """The judge's raw replies to ``examples`` (greedy, batched, original weights for ``model: reference``)."""
         model, tok = self._load(ctx)
         # the training model's own tokenizer is only borrowed: padding side and pad token are restored afterwards
         side, pad = tok.padding_side, tok.pad_token
@@ -396,12 +445,7 @@ class LLMJudge(RiskEstimator):
             tok.padding_side = side
             if tok.pad_token != pad:
                 tok.pad_token = pad
-        self.last_replies = replies
-        scores = self.resolve(replies, examples)
-        if self.n_fallbacks > 0.2 * max(1, self.n_scored):
-            logger.warning("safeguard: the risk judge gave no usable 1-5 score for %d of %d examples (fallback %r); "
-                           "check the judge model", self.n_fallbacks, self.n_scored, self.config.fallback)
-        return scores
+        return replies
 
 
 # ------------------------------------------------------------------------------------------------ probe

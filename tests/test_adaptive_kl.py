@@ -250,9 +250,42 @@ def test_judge_fallback_policy_is_counted(tok):
     assert j.resolve(["garbage", "garbage"], ex) == [5.0, 1.0] and j.n_fallbacks == 2
     assert risk.LLMJudge(risk.LLMJudgeConfig(model="unused", fallback=2.0)).resolve(["?"], ex[:1]) == [2.0]
     # a real (tiny, random) judge model talks garbage: every example falls back and is counted in the run's logs
-    judge = risk.LLMJudge(risk.LLMJudgeConfig(model="unused", max_new_tokens=3), model=tiny_model(), tokenizer=tok)
+    judge = risk.LLMJudge(risk.LLMJudgeConfig(model="unused", max_new_tokens=3, validate_judge=False), model=tiny_model(),
+                          tokenizer=tok)
     assert judge.score(ex, risk.RiskContext(progress=False)) == [5.0, 5.0] and judge.n_fallbacks == 2
     assert len(judge.last_replies) == 2
+
+
+def test_judge_is_validated_on_labelled_requests_before_scoring(monkeypatch):
+    """The 0.5B model of the bench, asked the rubric, rated arithmetic problems 5 and harmful requests 1. A judge
+    that does not rate held-out harmful requests above harmless ones stops the run with a message naming the fixes;
+    a judge that does passes and scores; unparseable replies count as 5 in the check."""
+    def judge_with(rate):
+        j = risk.LLMJudge(risk.LLMJudgeConfig(model="some/judge"), model=object(), tokenizer=object())
+        calls = []
+
+        def replies(self, examples, ctx):
+            calls.append(len(examples))
+            return [rate(ex.prompt_text) for ex in examples]
+        monkeypatch.setattr(risk.LLMJudge, "_replies", replies)
+        return j, calls
+
+    from safeguard_plugin.data import load_prompts
+    harmful = set(load_prompts("harmful").heldout)
+    ex = [risk.RiskExample([1], [2], "Bake bread?", "ok")]
+    inverted, calls = judge_with(lambda p: "1" if p in harmful else "5")
+    with pytest.raises(ValueError, match=r"risk judge \(some/judge\) does not tell harmful from harmless requests: "
+                                         r"AUROC 0\.00 < risk_options\.min_auroc=0\.75 on 16 .*risk: probe.*validate_judge"):
+        inverted.score(ex, risk.RiskContext(progress=False))
+    assert calls == [16] and inverted.n_scored == 0  # nothing was scored with it
+    garbage, _ = judge_with(lambda p: "hmm")
+    with pytest.raises(ValueError, match="AUROC 0.50"):
+        garbage.score(ex, risk.RiskContext(progress=False))
+    good, calls = judge_with(lambda p: "Score: 5" if p in harmful else ("2" if p != "Bake bread?" else "1"))
+    assert good.score(ex, risk.RiskContext(progress=False)) == [1.0] and good.validation_auroc == 1.0
+    assert good.score(ex, risk.RiskContext(progress=False)) == [1.0] and calls == [16, 1, 1]  # validated once
+    off = risk.LLMJudge(risk.LLMJudgeConfig(model="some/judge", validate_judge=False), model=object(), tokenizer=object())
+    assert off.score(ex, risk.RiskContext(progress=False)) == [1.0] and off.validation_auroc is None  # no check
 
 
 def test_keyword_judge_separates_shipped_prompt_sets():
@@ -335,7 +368,8 @@ def test_state_roundtrip_keeps_scores_and_reference_cache(tok, tmp_path):
 def test_benchmark_rows():
     assert AdaptiveKL.benchmark_configs() == {"adaptive_kl_probe": {"risk": "probe"},
                                               "adaptive_kl_keyword": {"risk": "keyword"},
-                                              "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference"}}}
+                                              "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference",
+                                                                                        "validate_judge": False}}}
 
 
 def test_judge_reference_is_the_adapter_disabled_training_model(tok, chat_rows, tmp_path, monkeypatch):
@@ -349,7 +383,9 @@ def test_judge_reference_is_the_adapter_disabled_training_model(tok, chat_rows, 
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     monkeypatch.setattr(risk.LLMJudge, "_load", lambda self, ctx: pytest.fail("no judge model may be loaded")
                         if not self.uses_training_model else (ctx.model, ctx.tokenizer))
-    cfg = {"adaptive_kl": {"risk": "judge", "risk_options": {"model": "reference", "max_new_tokens": 4}}}
+    # (a random tiny model fails the judge's validation: it is switched off here, and tested on its own below)
+    cfg = {"adaptive_kl": {"risk": "judge", "risk_options": {"model": "reference", "max_new_tokens": 4,
+                                                             "validate_judge": False}}}
     eng = SafeguardEngine(cfg).setup(model, tok)
     eng.begin_training(10, 1)
     b = _batch(tok, [1, 1, 1])
@@ -360,7 +396,8 @@ def test_judge_reference_is_the_adapter_disabled_training_model(tok, chat_rows, 
     rows = akl._rows(b["input_ids"], b["labels"], b["attention_mask"])
     examples = [akl._risk_example(t, lab) for _, t, lab in rows]
     # the same rubric answered by the plain (adapter-free) model: identical greedy replies
-    ext = risk.LLMJudge(risk.LLMJudgeConfig(model="unused", max_new_tokens=4), model=plain, tokenizer=tok)
+    ext = risk.LLMJudge(risk.LLMJudgeConfig(model="unused", max_new_tokens=4, validate_judge=False), model=plain,
+                        tokenizer=tok)
     monkeypatch.undo()
     ext.score(examples, risk.RiskContext(progress=False))
     assert akl.estimator.last_replies == ext.last_replies

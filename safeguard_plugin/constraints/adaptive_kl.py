@@ -582,9 +582,11 @@ class AdaptiveKL(Constraint):
     # -- benchmark and calibration
     @classmethod
     def benchmark_configs(cls) -> dict[str, dict]:
-        # judge: the model being fine-tuned, adapters disabled (the reference policy), rates the examples: offline
+        # judge: the model being fine-tuned, adapters disabled (the reference policy), rates the examples: offline.
+        # The built-in 0.5B model fails the judge check (it rates harmful requests 1, arithmetic 5): the row runs it
+        # anyway, to show what a judge that was not validated does to training
         return {"adaptive_kl_probe": {"risk": "probe"}, "adaptive_kl_keyword": {"risk": "keyword"},
-                "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference"}}}
+                "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference", "validate_judge": False}}}
 
     @classmethod
     def calibrate(cls, ctx, artifact) -> None:
