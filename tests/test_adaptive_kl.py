@@ -278,6 +278,8 @@ def test_judge_is_validated_on_labelled_requests_before_scoring(monkeypatch):
                                          r"AUROC 0\.00 < risk_options\.min_auroc=0\.75 on 16 .*risk: probe.*validate_judge"):
         inverted.score(ex, risk.RiskContext(progress=False))
     assert calls == [16] and inverted.n_scored == 0  # nothing was scored with it
+    with pytest.raises(ValueError, match="AUROC 0.00"):  # and asking again checks (and refuses) again
+        inverted.score(ex, risk.RiskContext(progress=False))
     garbage, _ = judge_with(lambda p: "hmm")
     with pytest.raises(ValueError, match="AUROC 0.50"):
         garbage.score(ex, risk.RiskContext(progress=False))
