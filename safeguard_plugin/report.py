@@ -38,6 +38,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label(run: dict) -> str:
+    return f"{run['method']} p={run['ratio']:g}"
+
+
+def _over_steps(path: Path, lines: list, panels: list[tuple[str, str | None, bool]], marker: str | None = None) -> Path:
+    """One figure, a panel per ``(title, y label, symlog)``; ``lines``: ``(label, steps, [ys per panel or None])``."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 4))
+    for label, steps, series in lines:
+        for ax, ys in zip(axes, series):
+            if ys is not None:
+                ax.plot(steps, ys, marker=marker, label=label)
+    for ax, (title, ylabel, symlog) in zip(axes, panels):
+        ax.set_title(title)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        if symlog:
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -78,41 +103,28 @@ def plot_all(results: dict[str, Any], full_runs: list[dict], out: Path) -> list[
     constrained = [r for r in full_runs if r.get("log_history") and any(
         k.startswith("safeguard/") for h in r["log_history"] for k in h)]
     if constrained:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        lines = []
         for r in constrained:
             hist = [h for h in r["log_history"] if "loss" in h]
-            steps = [h["step"] for h in hist]
-            for ax, key in zip(axes, ("safeguard/penalty", "safeguard/procon_drift")):
+            series = []
+            for key in ("safeguard/penalty", "safeguard/procon_drift"):
                 ys = [h.get(key) for h in hist]
-                if any(y is not None for y in ys):
-                    ax.plot(steps, [float("nan") if y is None else y for y in ys], label=f"{r['method']} p={r['ratio']:g}")
-        axes[0].set_title("penalty per step")
-        axes[0].set_yscale("symlog", linthresh=1e-3)
-        axes[1].set_title("refusal-projection drift (std units)")
-        for ax in axes:
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        files.append(_save(fig, out / "penalty_drift.png"))
+                series.append([float("nan") if y is None else y for y in ys] if any(y is not None for y in ys) else None)
+            lines.append((_label(r), [h["step"] for h in hist], series))
+        files.append(_over_steps(out / "penalty_drift.png", lines, [
+            ("penalty per step", None, True), ("refusal-projection drift (std units)", None, False)]))
     # 4. the live monitor's held-out safety measurements over training, every trained method (plain SFT included)
     monitored = [r for r in full_runs if any("safeguard/monitor_score_drop" in h for h in r.get("log_history") or [])]
     if monitored:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        lines = []
         for r in monitored:
             hist = [h for h in r["log_history"] if "safeguard/monitor_score_drop" in h]
-            steps = [0] + [h["step"] for h in hist]
-            label = f"{r['method']} p={r['ratio']:g}"
-            axes[0].plot(steps, [0.0] + [-h["safeguard/monitor_score_drop"] for h in hist], marker="o", label=label)
-            axes[1].plot(steps, [0.0] + [h["safeguard/monitor_projection_shift"] for h in hist], marker="o", label=label)
-        axes[0].set_title("held-out harmful refusal score, change from step 0")
-        axes[0].set_ylabel("Δ refusal log-odds (↓ = less refusal)")
-        axes[1].set_title("harmful prompts' projection on r, change from step 0")
-        axes[1].set_ylabel("std units")
-        for ax in axes:
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        files.append(_save(fig, out / "safety_during_training.png"))
+            lines.append((_label(r), [0] + [h["step"] for h in hist],
+                          [[0.0] + [-h["safeguard/monitor_score_drop"] for h in hist],
+                           [0.0] + [h["safeguard/monitor_projection_shift"] for h in hist]]))
+        files.append(_over_steps(out / "safety_during_training.png", lines, [
+            ("held-out harmful refusal score, change from step 0", "Δ refusal log-odds (↓ = less refusal)", False),
+            ("harmful prompts' projection on r, change from step 0", "std units", False)], marker="o"))
     return files
 
 

@@ -386,16 +386,16 @@ class LLMJudge(RiskEstimator):
         vals = torch.tensor([RISK_MAX if v is None else v for v in scores], dtype=torch.float64)
         labels = torch.tensor([1] * len(harmful) + [0] * len(harmless))
         auc = auroc(vals, labels)
+        mean_h, mean_s = float(vals[: len(harmful)].mean()), float(vals[len(harmful):].mean())
         logger.info("safeguard: risk judge validation on %d harmful / %d harmless held-out requests: AUROC %.3f "
                     "(mean score %.2f harmful, %.2f harmless; %d unparseable)", len(harmful), len(harmless),
-                    auc, float(vals[: len(harmful)].mean()), float(vals[len(harmful):].mean()),
-                    sum(v is None for v in scores))
+                    auc, mean_h, mean_s, sum(v is None for v in scores))
         if not auc >= self.config.min_auroc:  # (NaN fails too)
             raise ValueError(
                 f"adaptive_kl: the risk judge ({self.config.model}) does not tell harmful from harmless requests: AUROC "
                 f"{auc:.2f} < risk_options.min_auroc={self.config.min_auroc} on {len(exs)} held-out "
-                f"labelled requests (mean score harmful {float(vals[: len(harmful)].mean()):.2f}, harmless "
-                f"{float(vals[len(harmful):].mean()):.2f}; replies {replies[:3]!r} ...). Its scores would put the KL "
+                f"labelled requests (mean score harmful {mean_h:.2f}, harmless {mean_s:.2f}; replies "
+                f"{replies[:3]!r} ...). Its scores would put the KL "
                 "weight on the wrong examples. Use a stronger judge model (risk_options.model), risk: probe, or set "
                 "risk_options.validate_judge: false to use it anyway.")
         self.validation_auroc = auc  # set only once passed: a failed judge is checked (and refused) again
