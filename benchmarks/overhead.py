@@ -34,8 +34,12 @@ VARIANTS = {
     "cwac_weight": {"cwac": {"sae_weight": 0.0}},
     "cwac_sae": {"cwac": {"projection": False}},
     "cwac": {"cwac": {}},
-    # GuardSpace adapters (same rank as plain LoRA) with the null-space projector on their input
+    # GuardSpace adapters (same rank as plain LoRA): A projected onto the null space after every optimizer step
+    # (default), and the older per-forward projection of A
     "guardspace": {"guardspace": {"null_energy": 0.01}},
+    "guardspace_forward": {"guardspace": {"null_energy": 0.01, "projection": "forward"}},
+    # ... with massive-activation directions blocked outside the energy budget (needed on SmolLM2)
+    "guardspace_massive": {"guardspace": {"null_energy": 0.01, "massive_share": 0.9}},
 }
 
 
@@ -104,16 +108,23 @@ def main() -> int:
         model, tok = _load(args.model)
         args.artifact = str(Path(tempfile.mkdtemp()) / "artifact")
         names = sorted({n for v in args.variants.split(",") for n in (VARIANTS[v] or {})})
+        # calibration options of the variants (one artifact serves all: e.g. GuardSpace's massive_share)
+        cal_cfg: dict = {}
+        for v in args.variants.split(","):
+            for n, sec in (VARIANTS[v] or {}).items():
+                if n == "guardspace" and sec.get("massive_share") is not None:
+                    cal_cfg[n] = {**cal_cfg.get(n, {}), **sec}
         # GuardSpace needs more harmful tokens than the widest layer input (else its null space is ~everything)
         lim = 128 if "guardspace" in names else 64
         calibrate(model, tok, load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim), args.artifact,
-                  model_id=args.model, constraints=names, progress=True)
+                  model_id=args.model, constraints=names, progress=True, constraint_configs=cal_cfg)
         del model
     order = ["plain"] + args.variants.split(",")
     runs: dict[str, list[dict]] = {v: [] for v in order}
     failed: set[str] = set()
     for rep in range(args.repeats):
-        for v in order:
+        # reversed every other repeat: a machine that speeds up or slows down during the run favours no variant
+        for v in (order if rep % 2 == 0 else order[::-1]):
             if v in failed:
                 continue
             cmd = [sys.executable, __file__, "--child", v, "--model", args.model, "--steps", str(args.steps),

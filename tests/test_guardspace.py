@@ -164,24 +164,62 @@ def test_harmful_outputs_move_much_less_than_plain_lora(gs_art, batch):
     data = torch.randint(3, 1024, (16, 32), generator=torch.Generator().manual_seed(1))
     ref_train = logits(base, (data, torch.ones_like(data)))
     res = {}
-    for kind in ("lora", "guardspace"):
+    for kind in ("lora", "guardspace", "guardspace_step"):
         m = model()
         if kind == "lora":
             inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=ALL7), m)
             for n, p in m.named_parameters():
                 p.requires_grad_("lora_" in n)
-        else:
-            prepare_guardspace_model(m, art, rank=RANK)
+        elif kind == "guardspace":
+            prepare_guardspace_model(m, art, rank=RANK)  # projection in every forward
+        else:  # per-step projection; this bare loop has no after_step: the version check projects
+            GuardSpace(GuardSpaceConfig(rank=RANK), art).modify_model(m)
         losses = train_steps(m)
         harm = float((logits(m, batch) - ref).norm() / ref.norm())
         train = float((logits(m, (data, torch.ones_like(data))) - ref_train).norm() / ref_train.norm())
         res[kind] = {"harmful": harm, "train": train, "loss_drop": losses[0] - min(losses[-2:])}
-    ratio = res["guardspace"]["harmful"] / res["lora"]["harmful"]
-    selectivity = (res["guardspace"]["harmful"] / res["guardspace"]["train"]) / (res["lora"]["harmful"] / res["lora"]["train"])
-    print(f"\nrelative logit change on the harmful calibration prompts: {res}; "
-          f"ratio guardspace/lora = {ratio:.3f}; per unit of training-data change: {selectivity:.3f}")
-    assert res["guardspace"]["loss_drop"] > 0.1  # it did learn the training data
-    assert ratio < 0.3 and selectivity < 0.2
+    print(f"\nrelative logit change on the harmful calibration prompts: {res}")
+    for kind in ("guardspace", "guardspace_step"):
+        ratio = res[kind]["harmful"] / res["lora"]["harmful"]
+        selectivity = (res[kind]["harmful"] / res[kind]["train"]) / (res["lora"]["harmful"] / res["lora"]["train"])
+        print(f"{kind}: ratio to lora = {ratio:.3f}; per unit of training-data change: {selectivity:.3f}")
+        assert res[kind]["loss_drop"] > 0.1  # it did learn the training data
+        assert ratio < 0.3 and selectivity < 0.2
+
+
+def _range_share(layers) -> float:
+    """Largest ‖A R‖/‖A‖ over the layers: the part of the raw lora_A weight outside the null space."""
+    out = 0.0
+    for layer in layers.values():
+        a = layer.lora_A[layer.gs_adapter]
+        out = max(out, float((a.weight.detach() @ a.gs_basis).norm() / a.weight.detach().norm()))
+    return out
+
+
+def test_step_projection_keeps_A_in_the_null_space(gs_art, tok, chat_rows, tmp_path):
+    """Callback path (default ``projection: step``): the forward is a plain LoRA product and after every optimizer
+    step A = A P. Forward mode leaves the raw A outside the null space (only its product is projected), so the check
+    below can fail."""
+    from helpers import train
+
+    from safeguard_plugin.integrations.trl import SafeguardCallback
+
+    _, path = gs_art
+    m = model()
+    tr, _ = train("callback", chat_rows, tok, tmp_path, {"artifact": str(path), "guardspace": {"rank": RANK}},
+                  model=m, max_steps=3)
+    layers = guardspace_layers(m)
+    assert all(not la.lora_A["default"].project_in_forward for la in layers.values())
+    assert _range_share(layers) < 1e-5
+    (cb,) = [c for c in tr.callback_handler.callbacks if isinstance(c, SafeguardCallback)]
+    assert cb.engine.constraints[0].config.projection == "step"
+
+    fwd = prepare_guardspace_model(model(), path, rank=RANK)
+    train_steps(fwd, steps=3)
+    assert _range_share(guardspace_layers(fwd)) > 1e-2
+    # the callback switches a prepared (forward-mode) model to per-step projection, projecting A once first
+    GuardSpace(GuardSpaceConfig(rank=RANK), gs_art[0]).modify_model(fwd)
+    assert _range_share(guardspace_layers(fwd)) < 1e-5
 
 
 def test_empty_or_trivial_null_space_fails_naming_the_layer(tok, gs_art):
@@ -319,3 +357,28 @@ def test_trl_callback_saves_guardspace_at_checkpoints_and_train_end(gs_art, tok,
             tgt.lora_A["default"].weight.copy_(layer.lora_A["default"].weight)
             tgt.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
     assert (logits(naive, batch) - trained).abs().max() > 1e-3
+
+
+def test_massive_activation_directions_are_blocked_and_the_budget_applies_to_the_rest(monkeypatch, tok, harmful):
+    """One input dim with a huge constant value (a massive activation) holds almost all the energy: the plain rule
+    then blocks ~1 direction (near-identity projector). With ``massive_share`` that direction is always blocked and
+    null_energy applies to the remaining energy, in the exact and the randomized decomposition alike."""
+    g = torch.Generator().manual_seed(0)
+    d = 300
+    X = torch.randn(2000, d, generator=g, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)
+    X[:, 7] += 300.0
+    C = X.T @ X / 2000
+    R0, _, trace, _ = gsm._range_basis(C, 0.01)
+    assert R0.shape[1] <= 2
+    for exact_max in (2048, 64):
+        monkeypatch.setattr(gsm, "EXACT_EIGH_MAX", exact_max)
+        R, ev, tr, lam_max = gsm._range_basis(C, 0.01, massive=0.9)
+        rest = tr - lam_max
+        assert lam_max / tr > 0.99 and R.shape[1] > 20
+        assert tr - float(ev.sum()) <= 0.01 * rest * (1 + 1e-6)  # null space holds ≤ 1% of the non-massive energy
+        assert float((R.T @ R - torch.eye(R.shape[1], dtype=R.dtype)).abs().max()) < 1e-6
+    # through calibration: recorded in the manifest, and used again at training time
+    art = calibrate_guardspace(model(), tok, harmful, config={"null_energy": 0.01, "calibration_rank": 8,
+                                                             "massive_share": 0.9}, progress=False)
+    assert art.manifest["components"]["guardspace"]["massive_share"] == 0.9
+    GuardSpace(GuardSpaceConfig(massive_share=0.9), art)

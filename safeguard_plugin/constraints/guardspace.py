@@ -19,11 +19,13 @@ Model surgery (``modify_model``; PEFT does the LoRA part):
   each adapter is re-initialised in place with PEFT's ``corda_init`` (rank and alpha of the existing adapter).
 * Init: A₀ = Σ_r^½ (P Ṽ_r)ᵀ, B₀ = U_r Σ_r^½ (PEFT's convention, alpha folded in); residual weight
   W_res = W − s·B₀A₀ (computed by PEFT's ``corda_init``), so the output is unchanged at step 0.
-* Projector on the adapter input: ``lora_A`` computes A·(P x) as (A P)·x — the projection is applied to the
-  r×d weight once per forward (A − (A R) Rᵀ; for inputs ≤ 512 dims a shared d×d P), never per token, so the
-  cost does not grow with the number of tokens (measured step time 1.02–1.05× plain LoRA of the same rank).
-  Effective weight during training: W + s·(B A − B₀ A₀)·P, i.e. every update is confined to the null space of
-  the harmful-prompt inputs.
+* Projector on the adapter input, ``projection="step"`` (default under the callback / Axolotl plugin): A starts in
+  the null space and after every optimizer step A ← A P = A − (A R) Rᵀ (for inputs ≤ 512 dims a shared d×d P),
+  written to the fp32 master copy under DeepSpeed; the forward is a plain LoRA product, so the projector costs one
+  r×d×m product per layer per optimizer step, nothing per forward or per token. ``projection="forward"``
+  (``prepare_guardspace_model`` alone) computes (A P)·x in every forward instead. Either way the effective weight
+  during training is W + s·(B A − B₀ A₀)·P, i.e. every update is confined to the null space of the harmful-prompt
+  inputs (the two differ only in what the optimizer sees: G vs G·P).
 * Disabling the adapter (``disable_adapter()``, used by the engine for reference values) gives back the original
   model: the frozen init part s·B₀A₀P is added back to W_res.
 * ``residual="offset"`` (automatic for quantized/QLoRA base weights): the base weights are not touched; the layer
@@ -91,7 +93,16 @@ class GuardSpaceConfig(ConstraintConfig):
     max_null_fraction: float = Field(
         0.999, gt=0, le=1, description="Fail when the null space covers more than this share of the input dims "
                                        "(projector ≈ identity: too few calibration tokens).")
+    massive_share: float | None = Field(
+        None, gt=0.5, lt=1, description="Massive activations: leading directions that each hold more than this "
+                                        "share of the energy not yet accounted for are always in the range (blocked) "
+                                        "and null_energy applies to the energy left after them (e.g. 0.9; None: off). "
+                                        "Calibration and training must use the same value.")
     use_projector: bool = Field(True, description="Apply the null-space projector (false: CorDA-kpm only, ablation).")
+    projection: Literal["step", "forward"] = Field(
+        "step", description="'step': A ← A·P after every optimizer step (A stays in the null space; no per-forward "
+                            "cost; run by the SafeguardCallback / Axolotl plugin). 'forward': lora_A computes (A·P)·x "
+                            "in every forward (self-contained: prepare_guardspace_model without the callback).")
     residual: Literal["auto", "weights", "offset"] = Field(
         "auto", description="'weights': W_res in the base weights; 'offset': base untouched (QLoRA); auto picks.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (injection path).")
@@ -218,19 +229,41 @@ def _null_tol(lam_max: float) -> float:
     return max(1e-8, 1e-6 * lam_max)
 
 
-def _range_size(ev_desc: torch.Tensor, trace: float, energy: float, lam_max: float) -> int:
-    """Smallest m whose top-m eigenvalues hold ≥ (1 − energy) of the trace; numerically-zero ones never count."""
-    n_pos = int((ev_desc > _null_tol(lam_max)).sum())
+def _energy_to_keep(ev_desc: torch.Tensor, trace: float, energy: float, massive: float | None = None) -> float:
+    """Energy the range must hold: (1 − energy) of the trace; with ``massive``, all of the leading directions that
+    each hold more than ``massive`` of the energy not yet accounted for, plus (1 − energy) of what is left."""
+    return trace - energy * (trace - float(ev_desc[:_n_massive(ev_desc, trace, massive)].sum()))
+
+
+def _n_massive(ev_desc: torch.Tensor, trace: float, massive: float | None) -> int:
+    """Number of leading eigenvalues that each hold more than ``massive`` of the energy not yet accounted for."""
+    k, rest = 0, trace
+    if massive is not None:
+        for lam in ev_desc.tolist()[:64]:
+            if lam <= massive * rest:
+                break
+            rest -= lam
+            k += 1
+    return k
+
+
+def _range_size(ev_desc: torch.Tensor, trace: float, energy: float, lam_max: float,
+                massive: float | None = None) -> int:
+    """Smallest m whose top-m eigenvalues hold the energy :func:`_energy_to_keep` asks for; numerically-zero ones
+    never count (relative to the largest eigenvalue after the massive ones)."""
+    k = _n_massive(ev_desc, trace, massive)
+    n_pos = int((ev_desc > _null_tol(float(ev_desc[k]) if k < ev_desc.numel() else lam_max)).sum())
     cum = torch.cumsum(ev_desc, 0)
-    need = (1.0 - energy) * trace
+    need = _energy_to_keep(ev_desc, trace, energy, massive)
     m = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)).item()) + 1
     return min(m, n_pos, ev_desc.numel())
 
 
 @torch.no_grad()
-def _range_basis(C: torch.Tensor, energy: float, seed: int = 0,
-                 hint: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Top eigenvectors R (d×m, descending) of C holding ≥ (1−energy) of its trace: (R, eigenvalues, trace, λ_max).
+def _range_basis(C: torch.Tensor, energy: float, seed: int = 0, hint: int | None = None,
+                 massive: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Top eigenvectors R (d×m, descending) of C holding ≥ (1−energy) of its trace (with ``massive``: see
+    :func:`_energy_to_keep`): (R, eigenvalues, trace, λ_max).
 
     Exact ``eigh`` up to ``EXACT_EIGH_MAX``; above it a randomized range finder (power iterations + Rayleigh–Ritz)
     whose block (started from ``hint``, e.g. the previous layer's m) grows until the criterion is met. Either way
@@ -247,7 +280,7 @@ def _range_basis(C: torch.Tensor, energy: float, seed: int = 0,
             ev, vec = torch.linalg.eigh(C)
         ev, vec = ev.flip(0), vec.flip(1)
         lam_max = float(ev[0])
-        m = _range_size(ev, trace, energy, lam_max)
+        m = _range_size(ev, trace, energy, lam_max, massive)
         return vec[:, :m].contiguous(), ev[:m].clone(), trace, lam_max
 
     if d <= EXACT_EIGH_MAX:
@@ -272,9 +305,10 @@ def _range_basis(C: torch.Tensor, energy: float, seed: int = 0,
             ev, W = torch.linalg.eigh((Q.T @ Cf @ Q).double())
         ev, W = ev.flip(0), W.flip(1).to(Q.dtype)
         lam_max = float(ev[0])
-        m = _range_size(ev, trace, energy, lam_max)
-        n_pos = int((ev > _null_tol(lam_max)).sum())
-        reached = float(ev[:m].sum()) >= (1.0 - energy) * trace or (m == n_pos and n_pos < block)
+        m = _range_size(ev, trace, energy, lam_max, massive)
+        k = _n_massive(ev, trace, massive)
+        n_pos = int((ev > _null_tol(float(ev[k]) if k < ev.numel() else lam_max)).sum())
+        reached = float(ev[:m].sum()) >= _energy_to_keep(ev, trace, energy, massive) or (m == n_pos and n_pos < block)
         if reached and m <= block - max(16, block // 8):
             R = (Q @ W[:, :m]).double()
             kept = torch.diagonal(R.T @ (C @ R)) if m else ev[:0]  # exact energies of the kept directions
@@ -410,7 +444,8 @@ def compute_guardspace(model: nn.Module, tokenizer, prompts: list[str], config: 
                 gid = n_group
                 n_group += 1
                 d = C.shape[0]
-                R, ev, trace, lam_max = _range_basis(C, cfg.null_energy, seed=gid, hint=hints.get(d))
+                R, ev, trace, lam_max = _range_basis(C, cfg.null_energy, seed=gid, hint=hints.get(d),
+                                                     massive=cfg.massive_share)
                 hints[d] = int(R.shape[1])
                 members = sorted(k for k, v in cov.group_of.items() if v == g)
                 kept = float(ev.sum()) / trace if trace > 0 else 0.0
@@ -479,6 +514,7 @@ def compute_guardspace(model: nn.Module, tokenizer, prompts: list[str], config: 
         "shared_prefix_tokens": prefix,
         "calibration_rank": cfg.calibration_rank,
         "null_energy_threshold": cfg.null_energy,
+        "massive_share": cfg.massive_share,
         "damping": cfg.damping,
         "min_null_dim_found": min(nulls),
         "null_dims_summary": f"null-space dims per module (min-max over layers / input dim): {summary}",
@@ -543,6 +579,10 @@ class NullSpaceLoraA(nn.Linear):
         self.register_buffer("gs_init_A", init_A, persistent=False)  # A₀P (r×d)
         self.register_buffer("gs_init_B", init_B, persistent=False)  # B₀ (d_out×r)
         self.called = False
+        # True: project in every forward. False: the GuardSpace constraint keeps A = A P after each optimizer step
+        # (``project_``), so the forward is a plain LoRA product.
+        self.project_in_forward = True
+        self._clean_version: int | None = None  # weight._version right after the last projection
 
     def projected_weight(self) -> torch.Tensor:
         w = self.weight
@@ -553,10 +593,32 @@ class NullSpaceLoraA(nn.Linear):
         R = self.gs_basis
         return torch.addmm(w, w @ R, R.T, alpha=-1.0)  # A − (A R) Rᵀ = A P
 
+    @torch.no_grad()
+    def project_(self) -> None:
+        """A ← A P in place (also the fp32 master copy under DeepSpeed)."""
+        from ..distributed import get_full_param, set_full_param
+
+        if self.gs_basis is None:
+            return
+        A = get_full_param(self.weight)
+        if self.gs_dense is not None:
+            new = A @ self.gs_dense.to(A.dtype)
+        else:
+            R = self.gs_basis.to(A.dtype)
+            new = torch.addmm(A, A @ R, R.T, alpha=-1.0)
+        set_full_param(self.weight, new)
+        self._clean_version = self.weight._version
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self.called:
             self.called = True
-        return F.linear(x, self.projected_weight())
+        if self.project_in_forward:
+            return F.linear(x, self.projected_weight())
+        if self.weight._version != self._clean_version and not hasattr(self.weight, "ds_id"):
+            # updated in place since the last projection without an after_step (a loop without the callback): project
+            # now. The callback's after_step projects unconditionally (also updates that bypass the version counter).
+            self.project_()
+        return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         m = 0 if self.gs_basis is None else self.gs_basis.shape[1]
@@ -711,11 +773,16 @@ class GuardSpace(Constraint):
             ev = self.tensors[f"group{gid}.eigvals"].double()
             R = self.tensors[f"group{gid}.range"]
             trace, lam_max = float(g["trace"]), float(g["lambda_max"])
-            if cfg.null_energy < calibrated - 1e-12 and float(ev.sum()) < (1 - cfg.null_energy) * trace:
-                raise GuardSpaceError(
-                    f"guardspace.null_energy={cfg.null_energy} is below the artifact's calibrated threshold "
-                    f"{calibrated}: re-run the GuardSpace calibration with null_energy <= {cfg.null_energy}")
-            m = _range_size(ev, trace, cfg.null_energy, lam_max) if ev.numel() else 0
+            need = _energy_to_keep(ev, trace, cfg.null_energy, cfg.massive_share)
+            stricter = cfg.null_energy < calibrated - 1e-12 or cfg.massive_share != meta.get("massive_share")
+            if stricter and float(ev.sum()) < need - 1e-9 * trace:  # the stored range basis is too small
+                why = (f"guardspace.null_energy={cfg.null_energy} is below the artifact's calibrated threshold "
+                       f"{calibrated}" if cfg.null_energy < calibrated - 1e-12 else
+                       f"guardspace.massive_share={cfg.massive_share} blocks more directions than the artifact's "
+                       f"calibration (massive_share={meta.get('massive_share')}) stored for {g['members'][0]}")
+                raise GuardSpaceError(f"{why}: re-run the GuardSpace calibration with null_energy <= "
+                                      f"{cfg.null_energy} and massive_share={cfg.massive_share}")
+            m = _range_size(ev, trace, cfg.null_energy, lam_max, cfg.massive_share) if ev.numel() else 0
             self.bases[int(gid)] = R[:, :m].contiguous() if cfg.use_projector else None
             for key in g["members"]:
                 self.null_dims[key] = d - m
@@ -753,8 +820,10 @@ class GuardSpace(Constraint):
             top = float(g["lambda_max"]) / float(g["trace"]) if float(g["trace"]) > 0 else 0.0
             n_tok = int(self.meta.get("n_tokens", 0))
             why = (f"one input direction holds {top:.2%} of the harmful-input energy (a massive activation), so the "
-                   f"bottom {cfg.null_energy:g} of the energy spans almost every other direction: lower "
-                   "guardspace.null_energy (and re-calibrate with it), or leave this module out of target_modules"
+                   f"bottom {cfg.null_energy:g} of the energy spans almost every other direction: set "
+                   "guardspace.massive_share: 0.9 (massive directions are blocked and null_energy applies to the "
+                   "rest; re-calibrate with it), lower guardspace.null_energy (and re-calibrate with it), or leave "
+                   "this module out of target_modules"
                    if top > 1 - 10 * cfg.null_energy else
                    f"the covariance is rank-deficient ({n_tok} calibration tokens): use more harmful calibration "
                    "prompts or a lower null_energy")
@@ -808,8 +877,9 @@ class GuardSpace(Constraint):
 
     def modify_model(self, model: nn.Module) -> None:
         existing = guardspace_layers(model)
-        if existing:  # idempotent (engine re-bound to the same model)
+        if existing:  # idempotent (engine re-bound to the same model, or prepare_guardspace_model / load_guardspace)
             self.gs_layers, self._model = existing, model
+            self._set_projection()
             return
         mods = self._module_map(model)
         lora = {k: m for k, m in mods.items() if _is_lora_layer(m)}
@@ -819,6 +889,7 @@ class GuardSpace(Constraint):
             self._inject(model, mods)
         self.gs_layers = guardspace_layers(model)
         self._model = model
+        self._set_projection()
         rep = self.null_space_report()
         lines = [f"  {k}: r={self.gs_layers[k].r[self.gs_layers[k].gs_adapter]} null_dim={rep[k]['null_dim']}/{rep[k]['d_in']}"
                  f" harmful energy in null space {rep[k]['null_energy']:.2%}" for k in self.gs_layers]
@@ -947,8 +1018,21 @@ class GuardSpace(Constraint):
             if "lora_" not in n:
                 p.requires_grad_(False)
 
+    def _set_projection(self) -> None:
+        """'step': project A once now (a no-op for a fresh init, which lies in the null space), then after each step."""
+        step = self.config.projection == "step"
+        for layer in self.gs_layers.values():
+            a = layer.lora_A[layer.gs_adapter]
+            if step and a.project_in_forward:
+                a.project_()
+            a.project_in_forward = not step
+
     # -- training
     def after_step(self, ctx: TrainContext) -> None:
+        for layer in self.gs_layers.values():
+            a = layer.lora_A[layer.gs_adapter]
+            if not a.project_in_forward:
+                a.project_()
         if self._checked_calls or not self.gs_layers:
             return
         self._checked_calls = True
@@ -1015,9 +1099,12 @@ def prepare_guardspace_model(model: nn.Module, artifact_or_path, strict_fingerpr
     """In-place GuardSpace surgery for scripts: returns the same model object (adapters injected, base frozen).
 
     ``cfg``: :class:`GuardSpaceConfig` fields. Works on a plain transformers model or on a PeftModel with LoRA.
+    The projector runs in every forward here (``projection="forward"``: nothing else would apply it); a
+    SafeguardCallback with a ``guardspace`` section switches the model to the cheaper per-step projection.
     """
     artifact = _load_artifact(artifact_or_path)
     artifact.check_model(model, strict=strict_fingerprint)
+    cfg.setdefault("projection", "forward")  # no callback runs after_step here; the callback switches it to 'step'
     gs = GuardSpace(GuardSpaceConfig(**cfg), artifact)
     gs.validate_model(model)
     gs.modify_model(model)
@@ -1197,71 +1284,90 @@ __all__ = [
 # ================================================================================================ benchmark
 def benchmark_step_time(hidden: int = 256, layers: int = 4, rank: int = 8, batch: int = 8, seq: int = 128,
                         steps: int = 20, repeats: int = 3, null_energy: float = 0.01, threads: int | None = None,
-                        seed: int = 0) -> dict[str, float]:
-    """Median optimizer-step time (forward + backward + AdamW) of GuardSpace vs plain PEFT LoRA of the same rank,
-    targets and alpha on a tiny random model; the two are run interleaved (``repeats`` blocks of ``steps`` each,
-    after a warm-up) so machine load affects both alike."""
+                        seed: int = 0, model: str | None = None, artifact: str | None = None,
+                        massive_share: float | None = None) -> dict[str, float]:
+    """Median optimizer-step time (forward + backward + AdamW) of plain PEFT LoRA vs GuardSpace at the same rank,
+    targets and alpha, with the projector per optimizer step ('step', the callback's default) and per forward
+    ('forward'). All three models live in one process and take their steps in turn (the order rotates every step),
+    so a slow phase of the machine hits all of them alike. ``model``: a model spec (``load_model_spec``) with its
+    GuardSpace ``artifact`` folder; default: a tiny random model calibrated here. ``steps * repeats`` timed steps
+    each, after 2 warm-up steps."""
     import statistics
 
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ..artifacts import Artifact
     from ..data import load_prompts
-    from ..testing import tiny_model, tiny_tokenizer
+    from ..modeling import load_model_spec
 
     prev = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        tok = tiny_tokenizer()
-        art = calibrate_guardspace(tiny_model(hidden=hidden, layers=layers), tok, load_prompts("harmful").train[:8],
-                                   config={"null_energy": null_energy, "calibration_rank": rank}, progress=False,
-                                   check=False)
-        models = {}
-        m = tiny_model(hidden=hidden, layers=layers)
+        def fresh():
+            return load_model_spec(model or "tiny", hidden=hidden, layers=layers)
+
+        base, tok = fresh()
+        if artifact is None:
+            art = calibrate_guardspace(base, tok, load_prompts("harmful").train[:8],
+                                       config={"null_energy": null_energy, "calibration_rank": rank,
+                                               "massive_share": massive_share}, progress=False, check=False)
+            extra = {"min_null_dim": 1, "max_null_fraction": 1.0}
+        else:
+            art, extra = Artifact.load(artifact), {}
+        vocab = base.config.vocab_size
+        models: dict[str, nn.Module] = {}
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), m)
-        for n, p in m.named_parameters():
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), base)
+        for n, p in base.named_parameters():
             p.requires_grad_("lora_" in n)
-        models["lora"] = m
-        models["guardspace"] = prepare_guardspace_model(tiny_model(hidden=hidden, layers=layers), art, rank=rank,
-                                                        null_energy=null_energy, min_null_dim=1, max_null_fraction=1.0)
-        data = torch.randint(3, 1024, (batch, seq), generator=torch.Generator().manual_seed(seed))
+        models["lora"] = base
+        for proj in ("step", "forward"):
+            m = fresh()[0]
+            gs = GuardSpace(GuardSpaceConfig(rank=rank, null_energy=null_energy, massive_share=massive_share,
+                                             projection=proj, **extra), art)
+            gs.validate_model(m)
+            gs.modify_model(m)  # 'step' in a bare loop: the version check projects A after each update
+            models[f"guardspace_{proj}"] = m
+        data = torch.randint(3, min(vocab, 32000), (batch, seq), generator=torch.Generator().manual_seed(seed))
         opts = {k: torch.optim.AdamW([p for p in v.parameters() if p.requires_grad], lr=1e-4) for k, v in models.items()}
         times: dict[str, list[float]] = {k: [] for k in models}
-
-        def run(kind: str, n: int, record: bool) -> None:
-            model, opt = models[kind], opts[kind]
-            model.train()
-            for _ in range(n):
+        kinds = list(models)
+        for i in range(2 + steps * repeats):
+            order = kinds[i % len(kinds):] + kinds[: i % len(kinds)]
+            for kind in order:
+                mdl, opt = models[kind], opts[kind]
+                mdl.train()
                 t = time.perf_counter()
-                model(input_ids=data, labels=data).loss.backward()
+                mdl(input_ids=data, labels=data).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if record:
+                if i >= 2:
                     times[kind].append(time.perf_counter() - t)
-
-        for kind in models:
-            run(kind, 3, False)
-        for r in range(repeats):
-            for kind in (("lora", "guardspace") if r % 2 == 0 else ("guardspace", "lora")):
-                run(kind, steps, True)
-        out = {f"{k}_median_s": statistics.median(v) for k, v in times.items()}
-        out["ratio"] = out["guardspace_median_s"] / out["lora_median_s"]
-        out.update(hidden=hidden, layers=layers, rank=rank, batch=batch, seq=seq, steps=steps * repeats,
-                   threads=torch.get_num_threads())
+        out: dict[str, Any] = {f"{k}_median_s": statistics.median(v) for k, v in times.items()}
+        for k in kinds[1:]:
+            out[f"{k}_ratio"] = out[f"{k}_median_s"] / out["lora_median_s"]
+            # per-round ratios (the same round of the rotation): their median is robust to slow phases
+            out[f"{k}_paired_ratio"] = statistics.median(a / b for a, b in zip(times[k], times["lora"]))
+        out.update(model=model or f"tiny(hidden={hidden}, layers={layers})", rank=rank, batch=batch, seq=seq,
+                   steps=steps * repeats, threads=torch.get_num_threads())
         return out
     finally:
         torch.set_num_threads(prev)
 
 
-if __name__ == "__main__":  # python -m safeguard_plugin.constraints.guardspace [--hidden 256 --rank 8 ...]
+if __name__ == "__main__":  # python -m safeguard_plugin.constraints.guardspace [--model M --artifact DIR ...]
     import argparse
 
-    ap = argparse.ArgumentParser(description="GuardSpace vs plain LoRA step time on a tiny model")
+    ap = argparse.ArgumentParser(description="GuardSpace vs plain LoRA step time (same rank), interleaved steps")
     for name, default in (("hidden", 256), ("layers", 4), ("rank", 8), ("batch", 8), ("seq", 128), ("steps", 20),
                           ("repeats", 3), ("threads", 0)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--null-energy", type=float, default=0.01)
+    ap.add_argument("--massive-share", type=float, default=None)
+    ap.add_argument("--model", default=None, help="model spec (default: a tiny random model)")
+    ap.add_argument("--artifact", default=None, help="GuardSpace artifact for --model (default: calibrate here)")
     a = ap.parse_args()
     print(json.dumps(benchmark_step_time(a.hidden, a.layers, a.rank, a.batch, a.seq, a.steps, a.repeats,
-                                         a.null_energy, a.threads or None), indent=2))
+                                         a.null_energy, a.threads or None, model=a.model, artifact=a.artifact,
+                                         massive_share=a.massive_share), indent=2))
