@@ -530,6 +530,109 @@ def test_trl_example_yaml_validates(name):
     assert validate_block(example(ROOT / "example_yamls" / name)["safeguard"]).constraint_configs()
 
 
+# ------------------------------------------------------------- CWAC and adaptive KL example YAMLs, trained
+CWAC_LORA_YAML = ROOT / "example_yamls" / "axolotl_lora_cwac.yaml"
+CWAC_FULL_YAML = ROOT / "example_yamls" / "axolotl_full_cwac.yaml"
+AKL_LORA_YAML = ROOT / "example_yamls" / "axolotl_lora_adaptive_kl.yaml"
+TRAINED_ELSEWHERE = {LORA_YAML, FULL_YAML, GUARDSPACE_YAML, ZERO2_YAML, ZERO3_YAML}  # fixtures above / below
+GPU_ONLY = {QLORA_YAML}  # on CPU: validated, and refused before the model is built (test above)
+
+
+def test_every_cpu_example_yaml_is_trained_by_a_test():
+    """A CPU-sized example that no test trains could rot unnoticed: each one must be listed here and run."""
+    trained = TRAINED_ELSEWHERE | {CWAC_LORA_YAML, CWAC_FULL_YAML, AKL_LORA_YAML}
+    assert set(AXOLOTL_EXAMPLES) == {p.name for p in trained | GPU_ONLY}
+
+
+@pytest.fixture(scope="module")
+def example_runs(workspace, env):
+    """``axolotl train`` of an example YAML as written (or edited), run once per module on first use."""
+    runs: dict[str, SimpleNamespace] = {}
+
+    def get(path: Path, key: str | None = None, edit=None) -> SimpleNamespace:
+        key = key or path.stem
+        if key not in runs:
+            cfg = example(path)
+            if edit is not None:
+                edit(cfg)
+            runs[key] = lora_run(workspace, env, key, cfg)
+        return runs[key]
+
+    return get
+
+
+def _history(run) -> list[dict]:
+    summary = json.loads((run.out / "safeguard_run.json").read_text())
+    assert summary["optimizer_steps"] == 4
+    return summary["log_history"]
+
+
+def _step_log_lines(run, metric: str) -> int:
+    return sum(f"'safeguard/{metric}'" in line for line in run.proc.output.splitlines())
+
+
+@pytest.mark.parametrize("path", [CWAC_LORA_YAML, CWAC_FULL_YAML], ids=["lora", "full"])
+def test_cwac_example_trains_with_both_parts(example_runs, workspace, path):
+    run = example_runs(path)
+    out = run.proc.output
+    assert "constraint cwac" in out and "not found; calibrating" in out, show(run.proc)
+    assert _step_log_lines(run, "cwac_sae_loss") == 4  # in Axolotl's own step logs, every step
+    history = _history(run)
+    assert all(h["safeguard/cwac_projected_matrices"] > 0 for h in history)
+    assert history[0]["safeguard/cwac_sae_loss"] < 1e-6 < history[-1]["safeguard/cwac_sae_loss"]  # 0 before any update
+    if path == CWAC_LORA_YAML:
+        assert max(h["safeguard/cwac_subspace_leak"] for h in history) < 1e-5  # adapter updates stay outside
+        return
+    # full fine-tuning: the saved update ΔW = W - W0 of every matrix has no component in its calibrated subspace
+    from safeguard_plugin.artifacts import Artifact
+
+    trained = tensors(run.out, "model.safetensors")
+    base = tensors(workspace / "tiny-model", "model.safetensors")
+    assert max_diff({k: trained[k] for k in base}, base) > 0
+    sub, _ = Artifact.load(run.dir / "safeguard-artifacts/tiny-model").component("cwac_subspace")
+    worst, n = 0.0, 0
+    for name, U in sub.items():
+        if not (name.startswith("gradient.") and name.endswith(".U")):
+            continue
+        key = name[len("gradient."):-len(".U")]
+        i, _, mod = key.partition(".")
+        w = f"model.layers.{i}.{mod}.weight"
+        dW = trained[w].float() - base[w].float()
+        V = sub[f"gradient.{key}.V"]
+        worst = max(worst, float(((U.T @ dW).norm() + (dW @ V).norm()) / dW.norm()))
+        n += 1
+    assert n > 0 and worst < 1e-4, worst
+
+
+def test_adaptive_kl_example_trains_with_the_probe(example_runs):
+    run = example_runs(AKL_LORA_YAML)
+    out = run.proc.output
+    assert "constraint adaptive_kl" in out and "not found; calibrating" in out, show(run.proc)
+    assert "risk_probe" in (run.dir / "safeguard-artifacts/tiny-model-akl/manifest.json").read_text()
+    assert _step_log_lines(run, "akl_kl") == 4
+    history = _history(run)
+    assert all(1.0 <= h["safeguard/akl_risk_mean"] <= 5.0 and 0.1 <= h["safeguard/akl_w_kl_mean"] <= 0.9
+               for h in history)
+    assert sum(h["safeguard/akl_ref_forwards"] for h in history) > 0  # the adapter-disabled reference ran
+    assert history[0]["safeguard/akl_kl"] < 1e-6 < max(h["safeguard/akl_kl"] for h in history[1:])
+
+
+def test_adaptive_kl_judge_runs_through_axolotl(example_runs):
+    """The judge estimator through the same YAML, judged by the model being trained (adapters off, offline). The
+    tiny random model answers garbage: every example gets the documented fallback (5) and is counted."""
+    def judge(cfg):
+        cfg["safeguard"]["adaptive_kl"].update(risk="judge", risk_options={
+            "model": "reference", "max_new_tokens": 4, "validate_judge": False})
+
+    run = example_runs(AKL_LORA_YAML, key="adaptive-kl-judge", edit=judge)
+    out = run.proc.output
+    assert "safeguard: judge risk scores" in out, show(run.proc)
+    history = _history(run)
+    assert history[-1]["safeguard/akl_judge_fallbacks"] == 32  # data.jsonl has 32 examples, each scored once
+    assert all(h["safeguard/akl_risk_mean"] == 5.0 and h["safeguard/akl_w_kl_mean"] == pytest.approx(0.9)
+               for h in history)
+
+
 # ---------------------------------------------------------------------------------- (5) post_train twice
 def test_post_train_is_idempotent(tmp_path):
     from axolotl.utils.dict import DictDefault

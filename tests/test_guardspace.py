@@ -200,9 +200,9 @@ def test_step_projection_keeps_A_in_the_null_space(gs_art, tok, chat_rows, tmp_p
     """Callback path (default ``projection: step``): the forward is a plain LoRA product and after every optimizer
     step A = A P. Forward mode leaves the raw A outside the null space (only its product is projected), so the check
     below can fail."""
-    from helpers import train
-
     from safeguard_plugin.integrations.trl import SafeguardCallback
+
+    from helpers import train
 
     _, path = gs_art
     m = model()

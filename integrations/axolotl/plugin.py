@@ -85,6 +85,14 @@ ZERO3_MESSAGE = (
     "without DeepSpeed), then launch the run again")
 
 
+def _calibrates_base_layers(sg: SafeguardConfig) -> bool:
+    """Some enabled constraint calibrates on the plain Linear layers (``Constraint.calibrates_base_layers``)."""
+    from safeguard_plugin.registry import available_constraints
+
+    registry = available_constraints()
+    return any(getattr(registry.get(n), "calibrates_base_layers", False) for n in sg.constraint_configs())
+
+
 def _calibrate(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, tokenizer, path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"safeguard.artifact: {path} exists but holds no manifest.json (not an artifact); "
@@ -331,9 +339,9 @@ class SafeguardPlugin(BasePlugin):
         seed = int(cfg.get("seed")) if cfg.get("seed") is not None else 42
         torch.manual_seed(seed)
         sg = safeguard_block(cfg)
-        if sg is not None and "guardspace" in sg.constraint_configs():
-            # GuardSpace calibrates on the base model's own Linear layers, before Axolotl wraps them in LoRA; the
-            # fused kernels that would make this forward fail here are off with GuardSpace (see register)
+        if sg is not None and _calibrates_base_layers(sg):
+            # GuardSpace and CWAC calibrate on the base model's own Linear layers, before Axolotl wraps them in LoRA;
+            # the fused kernels that would make this forward fail here are off with GuardSpace (see register)
             ensure_artifact(cfg, sg, model)
 
     def post_model_load(self, cfg, model):

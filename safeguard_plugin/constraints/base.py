@@ -171,6 +171,9 @@ class Constraint:
     metrics_read_params: ClassVar[bool] = False
     # modify_model() starts adapters from non-zero factors (BA != 0 at step 0, e.g. GuardSpace's CorDA-style init)
     nonzero_adapter_init: ClassVar[bool] = False
+    # calibrate() reads the base model's own Linear layers (weights, inputs, gradients): integrations must run it
+    # before PEFT wraps them (e.g. Axolotl's pre_lora_load), not on the adapter-disabled PEFT model
+    calibrates_base_layers: ClassVar[bool] = False
 
     def __init__(self, config: ConstraintConfig, artifact: Artifact | None):
         self.config = config

@@ -381,6 +381,7 @@ class CWAC(Constraint):
     config_class = CWACConfig
     requires = ()
     uses_reference = True
+    calibrates_base_layers = True  # gradient subspaces of the plain Linear weights
 
     def __init__(self, config: CWACConfig, artifact):
         super().__init__(config, artifact)

@@ -751,6 +751,7 @@ class GuardSpace(Constraint):
     config_class = GuardSpaceConfig
     metrics_read_params = True  # the update norm reads lora_A / lora_B (gathered under ZeRO-3 by the engine)
     nonzero_adapter_init = True  # adapters start from the safety-irrelevant SVD components
+    calibrates_base_layers = True  # covariances and SVDs of the plain Linear layers
     requires = (COMPONENT,)
 
     def __init__(self, config: GuardSpaceConfig, artifact):
