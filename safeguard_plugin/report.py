@@ -141,10 +141,12 @@ def write_report(results: dict[str, Any], full_runs: list[dict], out: str | Path
         f"lr {prof['lr']}. Evaluation: held-out harmful prompts (refusal ↑), borderline-but-safe prompts (over-refusal ↓), "
         f"harmless prompts, arithmetic task accuracy (exact match), greedy decoding, {prof['max_new_tokens']} new tokens.", "",
         results_table(results["runs"]), "",
-        "Step-time and memory ratios are relative to plain SFT at the same p, measured in this run (median step "
-        "time; memory = CUDA peak allocation on GPU, '–' on CPU where in-process RSS is not comparable between runs: "
-        "use `benchmarks/overhead.py`, one process per variant). Collapse % = responses to harmless/task prompts "
-        "that contain the attack's compliance template.", "",
+        "Step-time and memory ratios are relative to plain SFT at the same p (median step time; memory = CUDA peak "
+        "allocation on GPU, '–' on CPU where in-process RSS is not comparable between runs). Each row trains once, "
+        "one after another, so a machine whose speed drifts (measured here on CPU: up to ~30% within minutes) "
+        "moves these ratios; for cost figures use `benchmarks/overhead.py` (one process per variant, repeats in "
+        "alternating order). Collapse % = responses to harmless/task prompts that contain the attack's compliance "
+        "template.", "",
     ]
     if judge:
         md += [f"Refusal judge (keyword) validated on {judge.get('n')} labelled responses "
