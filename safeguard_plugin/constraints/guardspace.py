@@ -615,8 +615,12 @@ class NullSpaceLoraA(nn.Linear):
         if self.project_in_forward:
             return F.linear(x, self.projected_weight())
         if self.weight._version != self._clean_version and not hasattr(self.weight, "ds_id"):
-            # updated in place since the last projection without an after_step (a loop without the callback): project
-            # now. The callback's after_step projects unconditionally (also updates that bypass the version counter).
+            # written since the last projection without an after_step (a training loop without the callback, a
+            # load_state_dict): training projects it now, in place; eval projects this product only (no weight
+            # changes in an eval forward). The callback's after_step projects unconditionally (also updates that
+            # bypass the version counter).
+            if not self.training:
+                return F.linear(x, self.projected_weight())
             self.project_()
         return F.linear(x, self.weight)
 
