@@ -220,6 +220,19 @@ def test_step_projection_keeps_A_in_the_null_space(gs_art, tok, chat_rows, tmp_p
     # the callback switches a prepared (forward-mode) model to per-step projection, projecting A once first
     GuardSpace(GuardSpaceConfig(rank=RANK), gs_art[0]).modify_model(fwd)
     assert _range_share(guardspace_layers(fwd)) < 1e-5
+    # a raw write (e.g. load_state_dict of a forward-mode A): eval uses the projected product without touching the
+    # weight; the next training forward projects the weight in place
+    a = guardspace_layers(fwd)["0.self_attn.q_proj"].lora_A["default"]
+    raw = torch.randn_like(a.weight)
+    with torch.no_grad():
+        a.weight.copy_(raw)
+    x = torch.randn(3, HIDDEN)
+    a.eval()
+    assert torch.allclose(a(x), x @ (raw - raw @ a.gs_basis @ a.gs_basis.T).T, atol=1e-5)
+    assert torch.equal(a.weight, raw)
+    a.train()
+    a(x)
+    assert float((a.weight.detach() @ a.gs_basis).norm()) < 1e-5 * float(a.weight.detach().norm())
 
 
 def test_empty_or_trivial_null_space_fails_naming_the_layer(tok, gs_art):
