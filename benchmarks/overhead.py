@@ -108,12 +108,10 @@ def main() -> int:
         model, tok = _load(args.model)
         args.artifact = str(Path(tempfile.mkdtemp()) / "artifact")
         names = sorted({n for v in args.variants.split(",") for n in (VARIANTS[v] or {})})
-        # calibration options of the variants (one artifact serves all: e.g. GuardSpace's massive_share)
-        cal_cfg: dict = {}
-        for v in args.variants.split(","):
-            for n, sec in (VARIANTS[v] or {}).items():
-                if n == "guardspace" and sec.get("massive_share") is not None:
-                    cal_cfg[n] = {**cal_cfg.get(n, {}), **sec}
+        # one artifact serves every variant: GuardSpace is calibrated with massive_share when a variant sets it (its
+        # range basis then covers the variants without it too)
+        cal_cfg = {n: sec for v in args.variants.split(",") for n, sec in (VARIANTS[v] or {}).items()
+                   if n == "guardspace" and sec.get("massive_share") is not None}
         # GuardSpace needs more harmful tokens than the widest layer input (else its null space is ~everything)
         lim = 128 if "guardspace" in names else 64
         calibrate(model, tok, load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim), args.artifact,

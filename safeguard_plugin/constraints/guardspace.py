@@ -229,12 +229,6 @@ def _null_tol(lam_max: float) -> float:
     return max(1e-8, 1e-6 * lam_max)
 
 
-def _energy_to_keep(ev_desc: torch.Tensor, trace: float, energy: float, massive: float | None = None) -> float:
-    """Energy the range must hold: (1 − energy) of the trace; with ``massive``, all of the leading directions that
-    each hold more than ``massive`` of the energy not yet accounted for, plus (1 − energy) of what is left."""
-    return trace - energy * (trace - float(ev_desc[:_n_massive(ev_desc, trace, massive)].sum()))
-
-
 def _n_massive(ev_desc: torch.Tensor, trace: float, massive: float | None) -> int:
     """Number of leading eigenvalues that each hold more than ``massive`` of the energy not yet accounted for."""
     k, rest = 0, trace
@@ -248,22 +242,26 @@ def _n_massive(ev_desc: torch.Tensor, trace: float, massive: float | None) -> in
 
 
 def _range_size(ev_desc: torch.Tensor, trace: float, energy: float, lam_max: float,
-                massive: float | None = None) -> int:
-    """Smallest m whose top-m eigenvalues hold the energy :func:`_energy_to_keep` asks for; numerically-zero ones
-    never count (relative to the largest eigenvalue after the massive ones)."""
+                massive: float | None = None) -> tuple[int, int, float]:
+    """(m, n_pos, need). need: the energy the range must hold, (1 − energy) of the trace; with ``massive``, all of
+    the leading directions that each hold more than ``massive`` of the energy not yet accounted for, plus
+    (1 − energy) of what is left. m: the smallest number of top eigenvalues holding it, capped at n_pos, the
+    eigenvalues that are not numerically zero (relative to the largest one after the massive ones)."""
     k = _n_massive(ev_desc, trace, massive)
+    need = trace - energy * (trace - float(ev_desc[:k].sum()))
+    if not ev_desc.numel():
+        return 0, 0, need
     n_pos = int((ev_desc > _null_tol(float(ev_desc[k]) if k < ev_desc.numel() else lam_max)).sum())
     cum = torch.cumsum(ev_desc, 0)
-    need = _energy_to_keep(ev_desc, trace, energy, massive)
     m = int(torch.searchsorted(cum, torch.tensor([need], dtype=cum.dtype)).item()) + 1
-    return min(m, n_pos, ev_desc.numel())
+    return min(m, n_pos, ev_desc.numel()), n_pos, need
 
 
 @torch.no_grad()
 def _range_basis(C: torch.Tensor, energy: float, seed: int = 0, hint: int | None = None,
                  massive: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Top eigenvectors R (d×m, descending) of C holding ≥ (1−energy) of its trace (with ``massive``: see
-    :func:`_energy_to_keep`): (R, eigenvalues, trace, λ_max).
+    :func:`_range_size`): (R, eigenvalues, trace, λ_max).
 
     Exact ``eigh`` up to ``EXACT_EIGH_MAX``; above it a randomized range finder (power iterations + Rayleigh–Ritz)
     whose block (started from ``hint``, e.g. the previous layer's m) grows until the criterion is met. Either way
@@ -280,7 +278,7 @@ def _range_basis(C: torch.Tensor, energy: float, seed: int = 0, hint: int | None
             ev, vec = torch.linalg.eigh(C)
         ev, vec = ev.flip(0), vec.flip(1)
         lam_max = float(ev[0])
-        m = _range_size(ev, trace, energy, lam_max, massive)
+        m = _range_size(ev, trace, energy, lam_max, massive)[0]
         return vec[:, :m].contiguous(), ev[:m].clone(), trace, lam_max
 
     if d <= EXACT_EIGH_MAX:
@@ -305,10 +303,8 @@ def _range_basis(C: torch.Tensor, energy: float, seed: int = 0, hint: int | None
             ev, W = torch.linalg.eigh((Q.T @ Cf @ Q).double())
         ev, W = ev.flip(0), W.flip(1).to(Q.dtype)
         lam_max = float(ev[0])
-        m = _range_size(ev, trace, energy, lam_max, massive)
-        k = _n_massive(ev, trace, massive)
-        n_pos = int((ev > _null_tol(float(ev[k]) if k < ev.numel() else lam_max)).sum())
-        reached = float(ev[:m].sum()) >= _energy_to_keep(ev, trace, energy, massive) or (m == n_pos and n_pos < block)
+        m, n_pos, need = _range_size(ev, trace, energy, lam_max, massive)
+        reached = float(ev[:m].sum()) >= need or (m == n_pos and n_pos < block)
         if reached and m <= block - max(16, block // 8):
             R = (Q @ W[:, :m]).double()
             kept = torch.diagonal(R.T @ (C @ R)) if m else ev[:0]  # exact energies of the kept directions
@@ -778,16 +774,16 @@ class GuardSpace(Constraint):
             ev = self.tensors[f"group{gid}.eigvals"].double()
             R = self.tensors[f"group{gid}.range"]
             trace, lam_max = float(g["trace"]), float(g["lambda_max"])
-            need = _energy_to_keep(ev, trace, cfg.null_energy, cfg.massive_share)
-            stricter = cfg.null_energy < calibrated - 1e-12 or cfg.massive_share != meta.get("massive_share")
+            m, _, need = _range_size(ev, trace, cfg.null_energy, lam_max, cfg.massive_share)
+            lower = cfg.null_energy < calibrated - 1e-12
+            stricter = lower or cfg.massive_share != meta.get("massive_share")
             if stricter and float(ev.sum()) < need - 1e-9 * trace:  # the stored range basis is too small
                 why = (f"guardspace.null_energy={cfg.null_energy} is below the artifact's calibrated threshold "
-                       f"{calibrated}" if cfg.null_energy < calibrated - 1e-12 else
+                       f"{calibrated}" if lower else
                        f"guardspace.massive_share={cfg.massive_share} blocks more directions than the artifact's "
                        f"calibration (massive_share={meta.get('massive_share')}) stored for {g['members'][0]}")
                 raise GuardSpaceError(f"{why}: re-run the GuardSpace calibration with null_energy <= "
                                       f"{cfg.null_energy} and massive_share={cfg.massive_share}")
-            m = _range_size(ev, trace, cfg.null_energy, lam_max, cfg.massive_share) if ev.numel() else 0
             self.bases[int(gid)] = R[:, :m].contiguous() if cfg.use_projector else None
             for key in g["members"]:
                 self.null_dims[key] = d - m
