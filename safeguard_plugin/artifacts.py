@@ -10,16 +10,22 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("safeguard_plugin")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -27,6 +33,44 @@ MANIFEST = "manifest.json"
 
 class ArtifactError(RuntimeError):
     """An artifact that is missing, malformed, or made for another model."""
+
+
+RECALIBRATE = "re-run `safeguard calibrate` to write a new artifact"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # component names: one plain file name, no path
+
+
+def check_component_name(name: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ArtifactError(f"artifact component name {name!r} is not allowed: use letters, digits, '_', '.' and '-' "
+                            "(no path separators, no '..')")
+    return name
+
+
+def safe_relpath(rel: Any, what: str = "file") -> PurePosixPath:
+    """``rel`` as a relative POSIX path that stays inside its folder (no absolute path, no '..', no backslash)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        raise ArtifactError(f"{what} {rel!r} is not a relative path inside the artifact folder")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or rel.startswith("~") or any(part in ("..", "") for part in p.parts) or p.parts[0] == ".":
+        raise ArtifactError(f"{what} {rel!r} is not a relative path inside the artifact folder")
+    return p
+
+
+def _inside(root: Path, rel: PurePosixPath, what: str) -> Path:
+    """``root / rel``, refusing a path that a symlink leads out of ``root``."""
+    full = root / rel
+    real_root = root.resolve()
+    if not full.resolve().is_relative_to(real_root):
+        raise ArtifactError(f"{what} {full} leads outside the artifact folder {real_root} (symlink); {RECALIBRATE}")
+    return full
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def sha256_text(items: list[str] | str) -> str:
@@ -112,22 +156,126 @@ def _write_component(tensors: dict[str, torch.Tensor], name: str, path: Path) ->
     save_file(tensors, str(path), metadata={"component": name})
 
 
-def write_folder_atomic(out_dir: str | os.PathLike, files: dict[str, bytes | Callable[[Path], None]]) -> Path:
-    """Write ``{relative path: bytes, or a function writing that path}`` as the folder ``out_dir``, replacing it
-    atomically: the files go to a temporary sibling first, so a reader (or an interrupted write) never sees a
-    half-written folder."""
+_TMP, _OLD = ".tmp-", ".old-"  # .<name>.tmp-<host>-<pid>-<rand>: a write in progress; .<name>.old-...: the copy it replaces
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _stale_siblings(out: Path, tag: str) -> list[Path]:
+    """Temp (``tag=_TMP``) or replaced (``_OLD``) siblings of ``out`` left by a write on this host whose process is
+    gone (killed mid-write)."""
+    prefix = f".{out.name}{tag}"
+    found = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        if not p.name.startswith(prefix):
+            continue
+        parts = p.name[len(prefix):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
+            continue  # another host's (shared filesystem) or not ours
+        if not _pid_alive(int(parts[1])):
+            found.append(p)
+    return found
+
+
+def recover_folder(out: str | os.PathLike) -> list[str]:
+    """Finish what a killed :func:`write_folder_atomic` left next to ``out``: when ``out`` is missing and the copy it
+    was replacing survives (killed between the two renames), put that copy back; delete the temp folders and replaced
+    copies of dead writers. Returns what it did (also logged). Safe to call from several processes at once."""
+    out = Path(out).resolve()
+    done = []
+    olds = sorted(_stale_siblings(out, _OLD), key=lambda p: p.stat().st_mtime if p.exists() else 0, reverse=True)
+    if olds and not os.path.lexists(out):
+        try:
+            os.replace(olds[0], out)
+            done.append(f"restored {out} from {olds[0].name} (a write was interrupted between its two renames)")
+        except OSError:
+            pass  # another process restored it first
+        olds = olds[1:]
+    for p in olds + _stale_siblings(out, _TMP):
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            done.append(f"removed {p.name} (left by an interrupted write)")
+    for msg in done:
+        logger.warning("safeguard: %s", msg)
+    return done
+
+
+def check_target(out: Path, owned: Callable[[Path], set[str] | None] | None, what: str) -> None:
+    """Raise unless replacing ``out`` can only delete what an earlier write of the same kind put there."""
+    cwd = Path.cwd().resolve()
+    home = Path.home().resolve()
+    if out == Path(out.anchor) or out == home or out == cwd or out in cwd.parents:
+        where = ("the filesystem root" if out == Path(out.anchor) else "your home folder" if out == home
+                 else "the current folder" if out == cwd else "a folder holding the current folder")
+        raise ArtifactError(f"refusing to write the {what} to {out}: it is {where}, and writing replaces the whole "
+                            "folder; give a new folder, e.g. --out ./safeguard-artifacts/<model>")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"refusing to write the {what} to {out}: a file with that name exists; give a folder path "
+                            f"that does not exist yet (or an earlier safeguard {what})")
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    known = owned(out) if owned is not None else None
+    if known is None:
+        raise ArtifactError(
+            f"refusing to write the {what} to {out}: the folder exists and is not a safeguard {what} (no readable "
+            f"manifest), so replacing it would delete {', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}; "
+            "give a new folder, or an earlier safeguard " + what)
+    extra = [e for e in entries if e not in known]
+    if extra:
+        raise ArtifactError(
+            f"refusing to replace the {what} {out}: it also holds files the {what} does not list "
+            f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}), which the write would delete; move them "
+            "out or give a new folder")
+
+
+def write_folder_atomic(out_dir: str | os.PathLike, files: dict[str, bytes | Callable[[Path], None]],
+                        owned: Callable[[Path], set[str] | None] | None = None, what: str = "folder") -> Path:
+    """Write ``{relative path: bytes, or a function writing that path}`` (in order) as the folder ``out_dir``,
+    replacing it atomically: the files go to a temporary sibling first, so a reader (or an interrupted write) never
+    sees a half-written folder, and a write killed at any point is repaired by the next write or load
+    (:func:`recover_folder`).
+
+    An existing ``out_dir`` is replaced only when it is empty or ``owned(out_dir)`` recognises it as an earlier write
+    of the same kind and lists every entry in it: never the current folder, home, the root, a file, or a folder
+    holding anything else.
+    """
     out = Path(out_dir).resolve()
+    paths = {rel: safe_relpath(rel, f"{what} file") for rel in files}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    recover_folder(out)
+    check_target(out, owned, what)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP}{_host()}-{os.getpid()}-", dir=out.parent))
     try:
         for rel, data in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            target = tmp / paths[rel]
+            target.parent.mkdir(parents=True, exist_ok=True)
             if callable(data):
-                data(tmp / rel)
+                data(target)
             else:
-                (tmp / rel).write_bytes(data)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                target.write_bytes(data)
+        if os.path.lexists(out):
+            old = out.with_name(f".{out.name}{_OLD}{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -137,6 +285,26 @@ def write_folder_atomic(out_dir: str | os.PathLike, files: dict[str, bytes | Cal
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def artifact_entries(path: Path) -> set[str] | None:
+    """The top-level entries an artifact folder's manifest accounts for; None when it is not an artifact."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("package") != "safeguard-plugin":
+        return None
+    entries = {MANIFEST}
+    comps = manifest.get("components") if isinstance(manifest.get("components"), dict) else {}
+    rels = [m.get("file") for m in comps.values() if isinstance(m, dict)]
+    rels += list(manifest.get("files") or {}) if isinstance(manifest.get("files"), dict) else []
+    for rel in rels:
+        try:
+            entries.add(safe_relpath(rel).parts[0])
+        except ArtifactError:
+            continue
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------- artifact
@@ -168,6 +336,7 @@ class Artifact:
         return cls(manifest, {})
 
     def add_component(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        check_component_name(name)
         self.tensors[name] = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         self.manifest["components"][name] = {"file": f"{name}.safetensors", **meta}
 
@@ -177,9 +346,9 @@ class Artifact:
     def add_file(self, relpath: str, data: bytes) -> None:
         """Keep an extra file (relative path inside the artifact folder), written by :meth:`save` and checked by
         sha256 on :meth:`load`."""
-        rel = Path(relpath)
-        if rel.is_absolute() or ".." in rel.parts or rel.name in (MANIFEST,):
-            raise ValueError(f"artifact file path must be relative and inside the folder: {relpath}")
+        rel = safe_relpath(relpath, "artifact file")
+        if rel.as_posix() == MANIFEST or rel.parts[0] in {f"{n}.safetensors" for n in self.manifest["components"]}:
+            raise ArtifactError(f"artifact file {relpath!r} would overwrite the manifest or a component file")
         self.files[rel.as_posix()] = bytes(data)
         self.manifest.setdefault("files", {})[rel.as_posix()] = hashlib.sha256(data).hexdigest()
 
@@ -199,42 +368,100 @@ class Artifact:
 
     # -- io
     def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write the folder atomically; the manifest (written last) records each tensor file's sha256. An existing
+        folder is replaced only if it is an artifact holding nothing but what its manifest lists."""
+        for name in self.tensors:
+            check_component_name(name)
+        for rel in self.files:
+            safe_relpath(rel, "artifact file")
         files: dict[str, bytes | Callable[[Path], None]] = {
             f"{name}.safetensors": partial(_write_component, tensors, name) for name, tensors in self.tensors.items()}
         files.update(self.files)
-        files[MANIFEST] = (json.dumps(self.manifest, indent=2, sort_keys=False) + "\n").encode()
-        self.path = write_folder_atomic(out_dir, files)
+
+        def write_manifest(path: Path) -> None:
+            for name in self.tensors:
+                meta = self.manifest["components"][name]
+                meta["file"] = f"{name}.safetensors"
+                meta["sha256"] = sha256_file(path.parent / meta["file"])
+            path.write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+
+        files[MANIFEST] = write_manifest
+        self.path = write_folder_atomic(out_dir, files, owned=artifact_entries, what="artifact")
         return self.path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Artifact:
+        """Read and validate an artifact folder. Every problem is an :class:`ArtifactError` naming the file or field:
+        paths leaving the folder, checksum mismatches, unreadable tensor files, non-finite tensors, manifest fields
+        that disagree with the tensors. A write killed mid-way is repaired first (:func:`recover_folder`)."""
         path = Path(path)
+        if not path.exists():
+            try:
+                recover_folder(path)
+            except OSError:
+                pass
         mf = path / MANIFEST
         if not mf.is_file():
             raise ArtifactError(f"not a safeguard artifact: {mf} is missing (create one with `safeguard calibrate`)")
+        _inside(path, PurePosixPath(MANIFEST), "manifest")
         try:
             manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as err:
-            raise ArtifactError(f"{mf}: corrupt manifest ({err})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{mf}: corrupt manifest ({err}); {RECALIBRATE}") from None
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{mf}: corrupt manifest (not a JSON object); {RECALIBRATE}")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{mf}: format_version {manifest.get('format_version')} is not supported "
                                 f"(this package reads {FORMAT_VERSION}); re-run `safeguard calibrate`")
+        _check_manifest_fields(manifest, mf)
         tensors = {}
-        for name, meta in manifest.get("components", {}).items():
-            f = path / meta["file"]
+        unchecked = []
+        for name, meta in manifest["components"].items():
+            try:
+                check_component_name(name)
+                f = _inside(path, safe_relpath(meta.get("file"), f"components.{name}.file"), f"components.{name}.file")
+            except ArtifactError as err:
+                raise ArtifactError(f"{mf}: {err}; {RECALIBRATE}") from None
             if not f.is_file():
-                raise ArtifactError(f"artifact component '{name}' is missing its tensor file {f}")
-            tensors[name] = load_file(str(f))
+                raise ArtifactError(f"artifact component '{name}' is missing its tensor file {f}; {RECALIBRATE}")
+            digest = meta.get("sha256")
+            if digest is None:
+                unchecked.append(name)
+            elif sha256_file(f) != digest:
+                raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest (modified or "
+                                    f"corrupt); {RECALIBRATE}")
+            try:
+                tensors[name] = load_file(str(f))
+            except Exception as err:  # safetensors raises its own error types with no path
+                raise ArtifactError(f"artifact file {f} cannot be read ({type(err).__name__}: {err}); the file is "
+                                    f"truncated or corrupt: {RECALIBRATE}") from None
+            for key, t in tensors[name].items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ArtifactError(f"artifact file {f}: tensor '{key}' of component '{name}' holds NaN or inf "
+                                        f"values; {RECALIBRATE}")
+        if unchecked:
+            logger.warning("safeguard: artifact %s records no sha256 for %s (written by an older version), so those "
+                           "files are not checked; %s", path, ", ".join(unchecked), RECALIBRATE)
         files = {}
         for rel, digest in manifest.get("files", {}).items():
-            f = path / rel
+            f = _inside(path, safe_relpath(rel, f"{mf}: files entry"), "artifact file")
             if not f.is_file():
-                raise ArtifactError(f"artifact file {f} is missing (listed in the manifest)")
+                raise ArtifactError(f"artifact file {f} is missing (listed in the manifest); {RECALIBRATE}")
             data = f.read_bytes()
             if hashlib.sha256(data).hexdigest() != digest:
-                raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest (modified or corrupt)")
+                raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest (modified or "
+                                    f"corrupt); {RECALIBRATE}")
             files[rel] = data
-        return cls(manifest, tensors, path, files)
+        art = cls(manifest, tensors, path, files)
+        art.validate()
+        return art
+
+    def validate(self) -> None:
+        """Check the components this package knows against their manifest fields (the refusal direction: shapes,
+        layer and position indices in range, unit directions)."""
+        if self.has("refusal_direction"):
+            _check_refusal_direction(self.tensors["refusal_direction"], self.manifest["components"]["refusal_direction"],
+                                     f"{self.path / MANIFEST if self.path else 'artifact'}")
 
     # -- checks
     def check_model(self, model: torch.nn.Module, tokenizer=None, strict: bool = True) -> list[str]:
@@ -247,16 +474,35 @@ class Artifact:
                 + ". Re-run `safeguard calibrate --model <your model>` or point `artifact:` at the right folder "
                 "(strict_fingerprint: false overrides this check)."
             )
+        self.check_structure(model)
         warnings = list(problems)
         if tokenizer is not None and tokenizer_hash(tokenizer) != self.manifest["tokenizer"]["hash"]:
             warnings.append("the tokenizer/chat template differs from the one used at calibration")
         return warnings
 
+    def check_structure(self, model: torch.nn.Module) -> None:
+        """Layer count and hidden size of the refusal direction against ``model`` (checked even when
+        ``strict_fingerprint: false`` lets other fingerprint differences through: they would index out of range)."""
+        if not self.has("refusal_direction"):
+            return
+        from .distributed import param_shape
+        from .modeling import find_decoder_layers
+
+        meta = self.manifest["components"]["refusal_direction"]
+        n = len(find_decoder_layers(model))
+        d = param_shape(model.get_input_embeddings().weight)[-1]
+        if meta["num_layers"] != n or meta["hidden_size"] != d:
+            raise ArtifactError(
+                f"artifact {self.path}: components.refusal_direction has {meta['num_layers']} layers of size "
+                f"{meta['hidden_size']}, the model {n} layers of size {d}: it was calibrated on another model; "
+                "re-run `safeguard calibrate --model <your model>`")
+
     def summary(self) -> str:
         m = self.manifest
-        lines = [f"artifact: {self.path}", f"model: {m['model']['id']} (fingerprint {m['model']['fingerprint']['id']})",
-                 f"created: {m['created']} by safeguard-plugin {m['package_version']}"]
-        for name, d in m.get("data", {}).items():
+        lines = [f"artifact: {self.path}",
+                 f"model: {m['model'].get('id')} (fingerprint {m['model']['fingerprint'].get('id')})",
+                 f"created: {m.get('created', '?')} by safeguard-plugin {m.get('package_version', '?')}"]
+        for name, d in (m.get("data") or {}).items():
             lines.append(f"data.{name}: {d}")
         for name, meta in m["components"].items():
             shapes = {k: list(v.shape) for k, v in self.tensors.get(name, {}).items()}
@@ -267,3 +513,56 @@ class Artifact:
                     lines.append(f"  {k}: {meta[k]}")
             lines.append(f"  tensors: {shapes}")
         return "\n".join(lines)
+
+
+def _check_manifest_fields(manifest: dict[str, Any], mf: Path) -> None:
+    def need(obj: Any, key: str, typ: type, where: str) -> Any:
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(value, typ):
+            raise ArtifactError(f"{mf}: field '{where}{key}' is missing or not a {typ.__name__}; {RECALIBRATE}")
+        return value
+
+    model = need(manifest, "model", dict, "")
+    fp = need(model, "fingerprint", dict, "model.")
+    need(fp, "structure", dict, "model.fingerprint.")
+    need(fp, "samples", dict, "model.fingerprint.")
+    need(need(manifest, "tokenizer", dict, ""), "hash", str, "tokenizer.")
+    for name, meta in need(manifest, "components", dict, "").items():
+        need(meta, "file", str, f"components.{name}.")
+    if "files" in manifest:
+        files = need(manifest, "files", dict, "")
+        for rel, digest in files.items():
+            if not isinstance(digest, str):
+                raise ArtifactError(f"{mf}: files.{rel} must be a sha256 string; {RECALIBRATE}")
+
+
+def _check_refusal_direction(t: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> None:
+    def bad(msg: str) -> ArtifactError:
+        return ArtifactError(f"{where}: components.refusal_direction: {msg}; {RECALIBRATE}")
+
+    r = t.get("direction")
+    if r is None or r.ndim != 3:
+        raise bad("tensor 'direction' is missing or not (layers, positions, hidden)")
+    L, P, d = r.shape
+    for key, want in (("num_layers", L), ("num_positions", P), ("hidden_size", d)):
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v != want:
+            raise bad(f"field '{key}' is {v!r} but the direction tensor has {want}")
+    for key in ("norm", "std", "separation", "mean_harmful", "mean_harmless"):
+        if key in t and tuple(t[key].shape) != (L, P):
+            raise bad(f"tensor '{key}' has shape {tuple(t[key].shape)}, expected {(L, P)}")
+    layers = meta.get("selected_layers")
+    if (not isinstance(layers, list) or not layers
+            or any(not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < L for x in layers)):
+        raise bad(f"field 'selected_layers' is {layers!r}; it must list layer indices in 0..{L - 1}")
+    pos = meta.get("selected_position")
+    if not isinstance(pos, int) or isinstance(pos, bool) or not 0 <= pos < P:
+        raise bad(f"field 'selected_position' is {pos!r}; it must be a position index in 0..{P - 1}")
+    norms = r.float().norm(dim=-1)
+    off = (norms - 1).abs() > 1e-3
+    if bool(off.any()):
+        li, pi = (int(x) for x in off.nonzero()[0])
+        raise bad(f"the direction at layer {li}, position {pi} has norm {float(norms[li, pi]):.3g} instead of 1 "
+                  "(a zero or corrupted direction would make every penalty 0)")
+    if "std" in t and bool((t["std"] <= 0).any()):
+        raise bad("tensor 'std' has entries <= 0")

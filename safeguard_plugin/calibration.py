@@ -140,30 +140,99 @@ def refusal_direction(ctx: CalibrationContext, artifact: Artifact) -> None:
     logger.info("refusal direction: best held-out separation %.2f at position %d; layers %s", best, best_p, selected)
 
 
-def calibrate(model, tokenizer, harmful: PromptSet, harmless: PromptSet, out_dir: str | Path, model_id: str,
-              constraints: list[str] | None = None, batch_size: int = 16, progress: bool = True,
-              base_model=None, constraint_configs: dict | None = None) -> Artifact:
-    """Run every requested constraint's calibration and write the artifact atomically."""
+def _data_record(harmful: PromptSet, harmless: PromptSet) -> dict:
+    return {name: {"source": ps.source, "sha256": sha256_text(ps.train + ps.heldout), "n_train": len(ps.train),
+                   "n_heldout": len(ps.heldout)} for name, ps in (("harmful", harmful), ("harmless", harmless))}
+
+
+def resolve_targets(constraints: list[str] | str | None) -> list[str]:
+    """Constraint names to calibrate for: ``"all"`` = every registered one; None or empty = the refusal direction
+    alone (what ``procon`` and ``monitor`` use)."""
     from .registry import available_constraints
 
     registry = available_constraints()
-    names = constraints or list(registry)
-    for n in names:
-        if n not in registry:
-            raise KeyError(f"unknown constraint '{n}'; registered: {', '.join(registry)}")
+    if constraints == "all":
+        return list(registry)
+    names = [constraints] if isinstance(constraints, str) else list(constraints or ["procon"])
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise KeyError(f"unknown constraint '{unknown[0]}'; registered: {', '.join(registry)}")
+    return list(dict.fromkeys(names))
+
+
+def _existing(out_dir: Path, model, data: dict) -> Artifact | None:
+    """The artifact already in ``out_dir`` when it was made for this model on the same prompts (its components are
+    reused); None when there is none. Raises when it was made for another model or other prompts."""
+    from .artifacts import MANIFEST, ArtifactError, compare_fingerprints, model_fingerprint
+
+    if not (out_dir / MANIFEST).is_file():
+        return None
+    art = Artifact.load(out_dir)
+    problems = compare_fingerprints(art.manifest["model"]["fingerprint"], model_fingerprint(model))
+    if problems:
+        raise ArtifactError(f"{out_dir} holds an artifact for another model ({problems[0]}); give a new --out, or pass "
+                            "--recompute to replace it")
+    old = {k: (v or {}).get("sha256") for k, v in art.manifest.get("data", {}).items()}
+    new = {k: v["sha256"] for k, v in data.items()}
+    if old != new:
+        raise ArtifactError(f"{out_dir} was calibrated on other prompts (data sha256 {old} vs {new}); give a new --out, "
+                            "use the same --harmful/--harmless/--limit, or pass --recompute to replace it")
+    return art
+
+
+def _seconds_per_batch(ctx: CalibrationContext) -> float:
+    """One timed forward of a calibration batch (for the plan's estimate)."""
+    import time
+
+    seqs = tokenize_prompts(ctx.tokenizer, ctx.harmful.train[: ctx.batch_size])
+    ids, mask = pad_right(seqs, ctx.tokenizer.pad_token_id or 0)
+    device = next(ctx.model.parameters()).device
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        run_until(ctx.model, input_ids=ids.to(device), attention_mask=mask.to(device))
+        return time.perf_counter() - t0
+
+
+def calibrate(model, tokenizer, harmful: PromptSet, harmless: PromptSet, out_dir: str | Path, model_id: str,
+              constraints: list[str] | str | None = None, batch_size: int = 16, progress: bool = True,
+              base_model=None, constraint_configs: dict | None = None, recompute: bool = False) -> Artifact:
+    """Calibrate what ``constraints`` need (see :func:`resolve_targets`) and write the artifact atomically.
+
+    When ``out_dir`` already holds an artifact of this model made on the same prompts, the constraints it was
+    calibrated for are reused and only the missing ones are computed and added (``recompute=True`` starts afresh).
+    The plan, with a time estimate, is logged before any work starts.
+    """
+    from .registry import available_constraints
+
+    registry = available_constraints()
+    names = resolve_targets(constraints)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    artifact = Artifact.new(model, tokenizer, model_id)
-    artifact.manifest["data"] = {
-        "harmful": {"source": harmful.source, "sha256": sha256_text(harmful.train + harmful.heldout),
-                    "n_train": len(harmful.train), "n_heldout": len(harmful.heldout)},
-        "harmless": {"source": harmless.source, "sha256": sha256_text(harmless.train + harmless.heldout),
-                     "n_train": len(harmless.train), "n_heldout": len(harmless.heldout)},
-    }
+    data = _data_record(harmful, harmless)
+    out = Path(out_dir)
+    artifact = None if recompute else _existing(out, model, data)
+    done = list(artifact.manifest.get("calibrated_for", [])) if artifact is not None else []
+    if artifact is None:
+        artifact = Artifact.new(model, tokenizer, model_id)
+        artifact.manifest["data"] = data
+    todo = [n for n in names if n not in done]
+    reused = [n for n in names if n in done]
+    if reused:
+        logger.info("calibration plan: reusing %s from %s (pass --recompute to redo them with new options)",
+                    ", ".join(reused), out)
+    if not todo:
+        logger.info("calibration plan: nothing to compute, %s already holds everything for %s", out, ", ".join(names))
+        return artifact
     ctx = CalibrationContext(model, tokenizer, harmful, harmless, batch_size=batch_size, progress=progress,
                              base_model=base_model, constraint_configs=dict(constraint_configs or {}))
-    for n in names:
+    n_prompts = sum(len(ps.train) + len(ps.heldout) for ps in (harmful, harmless))
+    per_batch = _seconds_per_batch(ctx)
+    notes = [f"{n}: {registry[n].calibration_note}" for n in todo if registry[n].calibration_note]
+    logger.info("calibration plan: compute %s on %d prompts; the forward passes alone take about %.0f s here "
+                "(%.2f s per batch of %d)%s", ", ".join(todo), n_prompts, per_batch * -(-n_prompts // batch_size),
+                per_batch, batch_size, "; " + "; ".join(notes) if notes else "")
+    for n in todo:
         registry[n].calibrate(ctx, artifact)
-    artifact.manifest["calibrated_for"] = list(names)
+    artifact.manifest["calibrated_for"] = done + todo
     artifact.save(out_dir)
     return artifact

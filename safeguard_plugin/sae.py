@@ -23,6 +23,15 @@ from torch import nn
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def _sae_entries(folder: Path) -> set[str] | None:
+    """An earlier SAELens folder (a readable cfg.json) may be replaced when it holds only these two files."""
+    try:
+        json.loads((folder / CFG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return {CFG_FILE, WEIGHTS_FILE}
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 
 
@@ -103,7 +112,7 @@ class SparseAutoencoder(nn.Module):
         """Write the SAELens folder atomically (a reader never sees a half-written SAE)."""
         from .artifacts import write_folder_atomic
 
-        return write_folder_atomic(folder, self.to_files())
+        return write_folder_atomic(folder, self.to_files(), owned=_sae_entries, what="SAE folder")
 
     @classmethod
     def from_files(cls, cfg_bytes: bytes, weight_bytes: bytes, where: str = "SAE") -> SparseAutoencoder:

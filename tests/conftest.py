@@ -20,14 +20,14 @@ def tok():
 
 @pytest.fixture(scope="session")
 def artifact_dir(tmp_path_factory, tok):
-    """A refusal-direction artifact for ``tiny_model()`` (seed 0)."""
+    """An artifact for ``tiny_model()`` (seed 0) calibrated for every registered constraint."""
     from safeguard_plugin.calibration import calibrate
     from safeguard_plugin.data import load_prompts
     from safeguard_plugin.testing import tiny_model
 
     out = tmp_path_factory.mktemp("art") / "tiny"
     calibrate(tiny_model(), tok, load_prompts("harmful", limit=64), load_prompts("harmless", limit=64), out,
-              model_id="tiny", progress=False)
+              model_id="tiny", constraints="all", progress=False)
     return out
 
 
