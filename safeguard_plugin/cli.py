@@ -33,23 +33,36 @@ def cmd_calibrate(args) -> int:
     if not args.model or not args.out:
         raise ValueError("calibrate needs --model and --out (or --axolotl-config x.yaml)")
 
-    harmful = load_prompts(args.harmful, limit=args.limit)
-    harmless = load_prompts(args.harmless, limit=args.limit)
-    model, tok, model_id = _load(args)
-    constraints = args.constraints.split(",") if args.constraints else None
+    from .artifacts import artifact_entries, check_target, recover_folder
+    from .calibration import resolve_targets
+
+    out = Path(args.out).resolve()
+    recover_folder(out)
+    check_target(out, artifact_entries, "artifact")  # before loading anything: never a folder of the user's files
     configs = {}
+    constraints = [c.strip() for c in args.constraints.split(",")] if args.constraints else None
+    if constraints == ["all"]:
+        constraints = "all"
     if args.config:
         from .config import load_config
 
         configs = load_config(args.config).constraint_configs()
         constraints = constraints or list(configs)
+    names = resolve_targets(constraints)
+    if not args.constraints and not args.config:
+        print("safeguard calibrate: no --constraints/--config given: calibrating the refusal direction (procon, "
+              "monitor); add --config safeguard.yaml or --constraints cwac,guardspace,adaptive_kl (or all) for others",
+              file=sys.stderr)
+    harmful = load_prompts(args.harmful, limit=args.limit)
+    harmless = load_prompts(args.harmless, limit=args.limit)
+    model, tok, model_id = _load(args)
     base = None
     if args.base_model:
         from .modeling import load_model_spec
 
         base, _ = load_model_spec(args.base_model, dtype=_DTYPES[args.dtype])
-    art = calibrate(model, tok, harmful, harmless, args.out, model_id=model_id, constraints=constraints,
-                    batch_size=args.batch_size, base_model=base, constraint_configs=configs)
+    art = calibrate(model, tok, harmful, harmless, args.out, model_id=model_id, constraints=names,
+                    batch_size=args.batch_size, base_model=base, constraint_configs=configs, recompute=args.recompute)
     print(art.summary())
     return 0
 
@@ -63,16 +76,33 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import load_prompts
-    from .eval import evaluate_refusal, markdown_table, write_report
+    from .data import SHIPPED_SETS, is_prompt_file, load_prompts, prompt_set_names
+    from .eval import check_report_dir, evaluate_refusal, markdown_table, write_report
+    from .modeling import check_adapter
 
-    sets = {}
-    for spec in args.prompts:
-        ps = load_prompts(spec)
-        sets[Path(spec).stem if Path(spec).is_file() else spec] = {"heldout": ps.heldout, "train": ps.train,
-                                                                  "all": ps.all}[args.split][: args.limit]
+    # every check that can fail runs before the model is loaded and anything is generated
+    check_report_dir(args.out, flag="--out")
+    if args.adapter is not None:
+        check_adapter(args.adapter)
+    names = prompt_set_names(args.prompts)
+    if any(is_prompt_file(spec) and name == spec for name, spec in names.items()):  # a file named by its path
+        kind = {s: "shipped set" if s in SHIPPED_SETS else "file" if is_prompt_file(s) else "HF dataset"
+                for s in names.values()}
+        print("safeguard eval: note: set names clash, so a file is reported under its path: "
+              + ", ".join(f"'{n}' = {kind[s]} {s}" for n, s in names.items()), file=sys.stderr)
+    sets, splits = {}, {}
+    for name, spec in names.items():
+        # shipped sets default to their held-out split (their train split calibrates); user sets are evaluated whole
+        split = args.split or ("heldout" if spec in SHIPPED_SETS else "all")
+        ps = load_prompts(spec, need_split=False)
+        sets[name], splits[name] = {"heldout": ps.heldout, "train": ps.train, "all": ps.all}[split][: args.limit], split
+        if not sets[name]:
+            raise ValueError(f"--prompts {spec}: no prompts in its '{split}' split ({len(ps.all)} prompts in all); "
+                             "use --split all")
     model, tok, _ = _load(args)
     res = evaluate_refusal(model, tok, sets, args.max_new_tokens, args.batch_size)
+    for name, r in res.items():
+        r.update(source=names[name], split=splits[name])
     js, md = write_report(res, args.out, title=f"safeguard eval: {args.model}" + (f" + {args.adapter}" if args.adapter else ""))
     print(markdown_table({args.model: res}, list(sets)))
     print(f"wrote {js} and {md}")
@@ -83,6 +113,14 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.model, args.out)
+    return 0
+
+
+def cmd_example_data(args) -> int:
+    from .example_data import next_steps, write_example_data
+
+    write_example_data(args.out, force=args.force)
+    print(next_steps(args.out))
     return 0
 
 
@@ -112,23 +150,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--axolotl-config", help="take the model and artifact path from an Axolotl YAML (Axolotl env)")
     c.add_argument("--harmful", default="harmful", help="shipped set name, JSONL/CSV path or HF dataset id")
     c.add_argument("--harmless", default="harmless", help="shipped set name, JSONL/CSV path or HF dataset id")
-    c.add_argument("--constraints", help="comma-separated constraints to calibrate for (default: all registered)")
+    c.add_argument("--constraints", help="comma-separated constraints to calibrate for, or 'all' (default: those "
+                                         "--config enables, else the refusal direction alone: procon, monitor)")
+    c.add_argument("--recompute", action="store_true",
+                   help="recompute every component; without it, an existing artifact of the same model and prompts "
+                        "in --out is kept and only what it lacks is added")
     c.add_argument("--limit", type=int, help="use at most this many prompts of each set")
     c.add_argument("--config", help="safeguard YAML: calibrate its constraints with their calibration options")
     c.add_argument("--base-model", help="pre-alignment checkpoint of --model (cwac's alignment-delta subspace)")
     c.add_argument("--batch-size", type=int, default=16)
     c.set_defaults(func=cmd_calibrate)
 
+    def positive_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        return value
+
     e = sub.add_parser("eval", help="refusal rate (keyword judge) and refusal score on prompt sets")
     model_args(e)
-    e.add_argument("--adapter", help="PEFT adapter folder to load on top of --model")
+    e.add_argument("--adapter", help="PEFT adapter folder (holding adapter_config.json) or HF hub id to load on top "
+                   "of --model; a path that does not exist is an error, never the base model evaluated instead")
     e.add_argument("--prompts", nargs="+", default=["harmful", "harmless"],
-                   help="shipped set names (harmful, harmless, borderline), JSONL/CSV paths or HF dataset ids")
-    e.add_argument("--split", choices=["heldout", "train", "all"], default="heldout")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--max-new-tokens", type=int, default=32)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--out", default="safeguard-eval")
+                   help="shipped set names (harmful, harmless, borderline), JSONL/JSON/CSV paths or HF dataset ids. "
+                        "Each set is reported under a unique name: a shipped set or HF id under its own name, a file "
+                        "under its file name without the extension (data/mine.jsonl -> mine), or under the path as "
+                        "given when that name is taken by another set (harmful harmful.jsonl -> harmful and "
+                        "harmful.jsonl); the same set given twice is an error")
+    e.add_argument("--split", choices=["heldout", "train", "all"], default=None,
+                   help="which split to evaluate (default: heldout for the shipped sets, whose train split is used "
+                        "for calibration; files and HF datasets are evaluated whole unless --split is given)")
+    e.add_argument("--limit", type=positive_int, default=None, help="evaluate at most this many prompts of each set")
+    e.add_argument("--max-new-tokens", type=positive_int, default=32)
+    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--out", default="safeguard-eval",
+                   help="report folder (new or existing; eval.json and eval.md are written inside it, replacing "
+                        "earlier ones); checked before the model is loaded")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="harmful fine-tuning benchmark: base vs plain SFT vs each constraint")
@@ -144,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("example-data", help="write DIR/tiny-model and DIR/data.jsonl, the files the Axolotl example "
+                                            "YAMLs expect (random tiny model, arithmetic chat data; no download)")
+    x.add_argument("--out", required=True, help="folder to write them into (created if missing)")
+    x.add_argument("--force", action="store_true", help="replace tiny-model/ and data.jsonl written there before")
+    x.set_defaults(func=cmd_example_data)
 
     d = sub.add_parser("demo", help="end-to-end demo: calibrate, fine-tune with/without ProCon, evaluate")
     d.add_argument("--model", default="smollm2-135m-instruct")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,21 +125,48 @@ def evaluate_refusal(model, tokenizer, prompt_sets: dict[str, Sequence[str]], ma
 
 
 def markdown_table(rows: dict[str, dict[str, Any]], sets: Sequence[str]) -> str:
-    """``rows[label][set]`` -> a markdown table of refusal rate and score per set."""
-    head = "| model | " + " | ".join(f"{s} refusal % | {s} score" for s in sets) + " |"
-    sep = "|---|" + "---|---|" * len(sets)
+    """``rows[label][set]`` -> a markdown table of n, refusal rate and score per set."""
+    head = "| model | " + " | ".join(f"{s} n | {s} refusal % | {s} score" for s in sets) + " |"
+    sep = "|---|" + "---|---|---|" * len(sets)
     lines = [head, sep]
     for label, res in rows.items():
         cells = []
         for s in sets:
             r = res.get(s)
-            cells += ["–", "–"] if r is None else [f"{100 * r['refusal_rate']:.1f}", f"{r['refusal_score']:+.2f}"]
+            cells += (["–", "–", "–"] if r is None else
+                      [str(r.get("n", len(r.get("samples", [])))), f"{100 * r['refusal_rate']:.1f}",
+                       f"{r['refusal_score']:+.2f}"])
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(results: dict[str, Any], out: str | Path, title: str = "safeguard eval") -> tuple[Path, Path]:
+REPORT_FILES = ("eval.json", "eval.md")
+
+
+def check_report_dir(out: str | Path, flag: str = "out") -> Path:
+    """Raise ``ValueError`` (naming the path and the fix) unless ``out`` can hold ``eval.json``/``eval.md``: an
+    existing folder or a new path whose nearest existing parent is a writable folder. Call it before generating."""
     out = Path(out)
+    fix = f"pass a folder (new, or an existing one; {' and '.join(REPORT_FILES)} are written inside it)"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is an existing file, not a folder: {fix}, or move the file away")
+    for name in REPORT_FILES:
+        if (out / name).is_dir():
+            raise ValueError(f"{flag} {out}: {out / name} is a folder and cannot be replaced by the report; {fix}")
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{flag} {out}: {parent} is a file, so the folder cannot be created; {fix}")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {out}: {parent} is not writable; {fix} where you can write")
+    return out
+
+
+def write_report(results: dict[str, Any], out: str | Path, title: str = "safeguard eval") -> tuple[Path, Path]:
+    out = check_report_dir(out, flag="report folder")
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "eval.json", out / "eval.md"
     tmp = js.with_suffix(".json.tmp")

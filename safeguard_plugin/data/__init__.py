@@ -9,6 +9,7 @@ templates used only by the benchmark's attack data).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -43,34 +44,128 @@ def _split(prompts: list[str], heldout_frac: float, seed: int) -> tuple[list[str
     return [p for i, p in enumerate(prompts) if i not in ho], [p for i, p in enumerate(prompts) if i in ho]
 
 
-def _prompt_of(row: dict[str, Any], where: str) -> str:
-    for k in _PROMPT_KEYS:
-        if isinstance(row.get(k), str) and row[k].strip():
-            return row[k].strip()
-    raise ValueError(f"{where}: no prompt column (looked for {', '.join(_PROMPT_KEYS)})")
+def _prompt_of(row: Any, where: str) -> str:
+    if isinstance(row, str) and row.strip():
+        return row.strip()
+    if isinstance(row, dict):
+        for k in _PROMPT_KEYS:
+            if isinstance(row.get(k), str) and row[k].strip():
+                return row[k].strip()
+        raise ValueError(f"{where}: no prompt column (looked for {', '.join(_PROMPT_KEYS)}; the row has "
+                         f"{', '.join(map(str, row)) or 'no columns'})")
+    raise ValueError(f"{where}: expected a JSON object with a prompt column (such as {{\"prompt\": \"...\"}}) "
+                     f"or a non-empty string, got {type(row).__name__} {str(row)[:60]!r}")
 
 
-def load_prompts(spec: str, limit: int | None = None, heldout_frac: float = 0.3, seed: int = 0) -> PromptSet:
+SHIPPED_SETS = ("harmful", "harmless", "borderline")
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def is_prompt_file(spec: str) -> bool:
+    """Whether ``spec`` names a prompt file (an existing file, or a path ending in .jsonl/.json/.csv) rather than a
+    shipped set name or an HF dataset id."""
+    return spec not in SHIPPED_SETS and (Path(spec).is_file() or Path(spec).suffix.lower() in _FILE_SUFFIXES)
+
+
+def prompt_set_names(specs: list[str], flag: str = "--prompts") -> dict[str, str]:
+    """``{name: spec}`` with unique names for a list of prompt-set specs: a shipped set keeps its name, an HF dataset
+    id is its own name, a file is named by its file name without the extension (``data/mine.jsonl`` -> ``mine``)
+    unless another set would get the same name, in which case it is named by the path as given
+    (``harmful harmful.jsonl`` -> ``harmful`` and ``harmful.jsonl``). The same set given twice is refused."""
+    def identity(spec: str) -> str:
+        return str(Path(spec).resolve()) if is_prompt_file(spec) and Path(spec).is_file() else spec
+
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if identity(spec) in seen:
+            same = seen[identity(spec)]
+            raise ValueError(f"{flag}: {spec!r} is given twice" + (f" (as {same!r} and {spec!r})" if same != spec else "")
+                             + "; list each prompt set once")
+        seen[identity(spec)] = spec
+    first = {s: Path(s).stem if is_prompt_file(s) else s for s in specs}
+    counts: dict[str, int] = {}
+    for n in first.values():
+        counts[n] = counts.get(n, 0) + 1
+    names: dict[str, str] = {}
+    for spec in specs:
+        name = first[spec] if counts[first[spec]] == 1 else spec
+        if name in names:
+            raise ValueError(f"{flag}: {names[name]!r} and {spec!r} would both be reported as {name!r}; rename one "
+                             "of the files")
+        names[name] = spec
+    return names
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a BOM is dropped); a decoding error names the file and the 1-based line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:start].count(b"\n") + 1
+        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 (byte 0x{data[start]:02x} at column {col}); save the "
+                         "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)") from None
+
+
+def _file_prompts(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``[(prompt, row)]`` of a JSONL/JSON/CSV file; every error names the file and the 1-based line."""
+    text = _read_text(p)
+    out: list[tuple[str, dict[str, Any]]] = []
+    if p.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in reader:
+                out.append((_prompt_of(row, f"{p} line {reader.line_num}"), row))
+        except csv.Error as err:
+            raise ValueError(f"{p} line {reader.line_num}: not valid CSV ({err})") from None
+        return out
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise ValueError(f"{p}: expected a JSON list of prompts (or {{\"data\": [...]}}), got {type(data).__name__}")
+        for i, r in enumerate(rows):
+            out.append((_prompt_of(r, f"{p} item {i + 1}"), r if isinstance(r, dict) else {}))
+        return out
+    # JSONL: lines are counted the way editors count them (only "\n" ends a line; JSON strings may hold U+2028)
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p} line {n}: not valid JSON ({err.msg}, column {err.colno}); each line must be one "
+                             "JSON object such as {\"prompt\": \"...\"}") from None
+        out.append((_prompt_of(r, f"{p} line {n}"), r if isinstance(r, dict) else {}))
+    return out
+
+
+def load_prompts(spec: str, limit: int | None = None, heldout_frac: float = 0.3, seed: int = 0,
+                 need_split: bool = True) -> PromptSet:
     """A prompt set from a shipped name (``harmful``/``harmless``/``borderline``), a JSONL/JSON/CSV file, or an
     HF dataset id (``name``, ``name:config``, optionally ``@split``; needs the hub or a local HF cache).
 
-    Rows with a ``split`` field of ``train``/``heldout`` keep it; otherwise a seeded split is made.
+    Rows with a ``split`` field of ``train``/``heldout`` keep it; otherwise a seeded split is made. With
+    ``need_split=False`` (the caller evaluates ``.all``) a set of one prompt is accepted. File errors name the file
+    and the 1-based line.
     """
     rows: list[dict[str, Any]]
-    if spec in ("harmful", "harmless", "borderline"):
+    if spec in SHIPPED_SETS:
         rows = read_jsonl(spec)
-    elif Path(spec).is_file():
+        prompts = [_prompt_of(r, spec) for r in rows]
+    elif is_prompt_file(spec):
         p = Path(spec)
-        if p.suffix == ".csv":
-            with p.open(newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        elif p.suffix == ".json":
-            data = json.loads(p.read_text(encoding="utf-8"))
-            rows = data if isinstance(data, list) else data.get("data", [])
-            rows = [r if isinstance(r, dict) else {"prompt": r} for r in rows]
-        else:
-            rows = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
-            rows = [r if isinstance(r, dict) else {"prompt": r} for r in rows]
+        if not p.is_file():
+            raise ValueError(f"prompt file {spec} not found" + (" (it is a folder)" if p.is_dir() else "")
+                             + "; give an existing .jsonl/.json/.csv file, a shipped set name "
+                             f"({', '.join(SHIPPED_SETS)}) or an HF dataset id")
+        pairs = _file_prompts(p)
+        prompts, rows = [x for x, _ in pairs], [r for _, r in pairs]
     else:
         from datasets import load_dataset
 
@@ -82,16 +177,20 @@ def load_prompts(spec: str, limit: int | None = None, heldout_frac: float = 0.3,
             raise ValueError(f"cannot load prompts '{spec}': not a shipped set, not a file, and the HF dataset "
                              f"could not be loaded ({type(err).__name__}: {err})") from None
         rows = [dict(r) for r in ds]
-    prompts = [_prompt_of(r, spec) for r in rows]
+        prompts = [_prompt_of(r, f"{spec} row {i + 1}") for i, r in enumerate(rows)]
     if limit:
         prompts, rows = prompts[:limit], rows[:limit]
+    if not prompts:
+        raise ValueError(f"prompt set '{spec}' has no prompts")
     if rows and all(r.get("split") in ("train", "heldout") for r in rows):
         train = [p for p, r in zip(prompts, rows) if r["split"] == "train"]
         heldout = [p for p, r in zip(prompts, rows) if r["split"] == "heldout"]
     else:
         train, heldout = _split(prompts, heldout_frac, seed)
-    if not train or not heldout:
-        raise ValueError(f"prompt set '{spec}' needs at least 2 prompts (got {len(prompts)})")
+    if need_split and (not train or not heldout):
+        raise ValueError(f"prompt set '{spec}' needs prompts in both its train and heldout splits (got "
+                         f"{len(train)} train, {len(heldout)} heldout): give at least 2 prompts, and if rows have a "
+                         "'split' field, both values")
     return PromptSet(train, heldout, spec)
 
 
