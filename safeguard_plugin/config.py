@@ -12,12 +12,14 @@ level fail with the key's name and the allowed names.
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .registry import available_constraints, broken_constraints
 
@@ -26,18 +28,86 @@ class ConfigError(ValueError):
     """A safeguard configuration that cannot be used; the message names the key."""
 
 
+def python_form(value: Any) -> Any:
+    """What a Python caller may pass where YAML gives a plain value: a tuple for a list, an ``os.PathLike`` for a
+    string, a NumPy integer / float for a number; the same value in its plain form (anything else unchanged)."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def errors_at(err: ValidationError, *prefix: str | int) -> list[InitErrorDetails]:
+    """``err``'s errors moved under ``prefix`` (e.g. a config section's key), to raise several sections' errors as one
+    ``ValidationError.from_exception_data(title, errors)``; type, message and input are kept as they are."""
+    return [InitErrorDetails(type=PydanticCustomError(e["type"], "{message}", {"message": e["msg"]}),
+                             loc=(*prefix, *e["loc"]), input=e["input"]) for e in err.errors()]
+
+
+_NUMBER_ERRORS = ("float_type", "int_type", "float_parsing", "int_parsing", "int_from_float")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _hint(e: dict) -> str:
+    """`` (got ...)``: the offending value, and how to write it, for type errors on plain values."""
+    value = e.get("input")
+    if not isinstance(value, (str, int, float, bool)) or e["type"] in ("extra_forbidden", "value_error",
+                                                                       "safeguard_config"):
+        return ""
+    got = f" (got {type(value).__name__} {value!r}"
+    if e["type"] in _NUMBER_ERRORS and isinstance(value, str) and _is_number(value):
+        return got + "; write the number without quotes)"
+    if e["type"] in _NUMBER_ERRORS and isinstance(value, bool):
+        return got + "; a boolean is not a number)"
+    if e["type"] == "bool_type":
+        return got + "; write true or false, without quotes)"
+    if e["type"] == "finite_number":
+        return got + "; use a finite number)"
+    return got + ")"
+
+
 def _format_errors(prefix: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        lines.append(f"{loc}: {e['msg']}")
+        msg = str(e["msg"]).removeprefix("Value error, ") + _hint(e)
+        lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
+
+
+def _error(loc: tuple, value: Any, message: str) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("safeguard_config", "{message}", {"message": message}),
+                            loc=loc, input=value)
+
+
+def _unwrap(data: dict, where: str = "") -> Any:
+    """The settings of a mapping that holds them under a ``safeguard:`` key (an Axolotl-style YAML/dict), else it."""
+    if "safeguard" not in data:
+        return data
+    inner = data["safeguard"]
+    if not isinstance(inner, dict):
+        raise ConfigError(f"{where}'safeguard' must be a mapping of safeguard settings (e.g. `procon: {{weight: 100}}`), "
+                          f"got {type(inner).__name__}")
+    return inner
 
 
 class SafeguardConfig(BaseModel):
     """Top-level safeguard settings plus one section per enabled constraint."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=False)
+    # strict: "1e3" is not a number, "no" is not a boolean (an int is fine for a float field)
+    model_config = ConfigDict(extra="allow", validate_assignment=False, strict=True, allow_inf_nan=False)
 
     artifact: str | None = Field(
         None, description="Calibration artifact folder (manifest.json + safetensors) made by `safeguard calibrate`."
@@ -52,28 +122,60 @@ class SafeguardConfig(BaseModel):
         3, ge=1, description="Fail the run if no constraint saw a usable position in this many optimizer steps."
     )
 
-    @model_validator(mode="after")
-    def _validate_sections(self) -> SafeguardConfig:
+    @field_validator("artifact", mode="before")
+    @classmethod
+    def _artifact_path(cls, value: Any) -> Any:
+        return python_form(value)  # a pathlib.Path from Python
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_all(cls, data: Any, handler: Any) -> SafeguardConfig:
+        """Validate the top-level keys and every constraint section, and report every invalid key in one error
+        (an error in one place does not hide those in another)."""
+        if not isinstance(data, dict):
+            return handler(data)
+        if "safeguard" in data:  # the same settings under a `safeguard:` key (Axolotl-style mapping)
+            try:
+                data = _unwrap(data)
+            except ConfigError as err:
+                raise ValidationError.from_exception_data(cls.__name__, [_error((), data["safeguard"], str(err))]) from None
+        fields = cls.model_fields
+        errors: list[InitErrorDetails] = []
+        cfg = None
+        try:
+            cfg = handler({k: v for k, v in data.items() if k in fields})
+        except ValidationError as err:
+            errors += errors_at(err)
         registry = available_constraints()
-        extras = self.__pydantic_extra__ or {}
-        for key, value in list(extras.items()):
+        sections: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in fields:
+                continue
             if key in broken_constraints():
-                raise ValueError(f"'{key}' is installed but failed to import: {broken_constraints()[key]}")
+                errors.append(_error((), value, f"'{key}' is installed but failed to import: {broken_constraints()[key]}"))
+                continue
             if key not in registry:
-                allowed = sorted(set(type(self).model_fields) | set(registry))
-                raise ValueError(f"unknown key '{key}'; allowed keys: {', '.join(allowed)}")
+                allowed = sorted(set(fields) | set(registry))
+                errors.append(_error((), value, f"unknown key '{key}'; allowed keys: {', '.join(allowed)}"))
+                continue
             cfg_cls = registry[key].config_class
             if isinstance(value, cfg_cls):
+                sections[key] = value
                 continue
             if value is None or value is True:
                 value = {}
             if not isinstance(value, dict):
-                raise ValueError(f"'{key}' must be a mapping of {cfg_cls.__name__} fields, got {type(value).__name__}")
+                errors.append(_error((), value, f"'{key}' must be a mapping of {cfg_cls.__name__} fields, got "
+                                                f"{type(value).__name__}"))
+                continue
             try:
-                extras[key] = cfg_cls.model_validate(value)
+                sections[key] = cfg_cls.model_validate(value)
             except ValidationError as err:
-                raise ValueError(_format_errors(key, err)) from None
-        return self
+                errors += errors_at(err, key)
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        cfg.__pydantic_extra__.update(sections)
+        return cfg
 
     def constraint_configs(self) -> dict[str, BaseModel]:
         """Enabled constraint sections, by registry name."""
@@ -96,7 +198,7 @@ def load_config(source: str | os.PathLike | dict | SafeguardConfig | None = None
     elif source is None:
         data, base_dir = {}, None
     elif isinstance(source, dict):
-        data, base_dir = dict(source), None
+        data, base_dir = dict(_unwrap(source)), None
     else:
         path = Path(source)
         if not path.is_file():
@@ -109,9 +211,7 @@ def load_config(source: str | os.PathLike | dict | SafeguardConfig | None = None
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded.get("safeguard", loaded) if "safeguard" in loaded else loaded
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: 'safeguard' must be a mapping")
+        data = dict(_unwrap(loaded, f"{path}: "))
         base_dir = path.parent
     data.update(overrides)
     if base_dir is not None and data.get("artifact") and not os.path.isabs(str(data["artifact"])):

@@ -61,6 +61,19 @@ class SafeguardRuntimeError(RuntimeError):
     """The constraints cannot act on this run; the message names the fix."""
 
 
+# What to change when no training example holds the artifact's post-instruction tokens; integrations set their own
+# (``SafeguardEngine.data_format_hint``: the Axolotl plugin names the YAML keys).
+TRL_DATA_FORMAT_HINT = (
+    "Format the data with the same chat template the artifact was calibrated with (in TRL: a conversational dataset, "
+    "'messages' or 'prompt'/'completion' lists of {'role', 'content'}, with the tokenizer's chat template; not a plain "
+    "'text' column), or re-calibrate with this tokenizer."
+)
+# Penalties skipped as non-finite (nan_policy: skip): more than this share of a run's penalty evaluations fails it
+# (checked at the end of training, and during training once MIN_SKIP_SAMPLE evaluations were made).
+MAX_SKIPPED_SHARE = 0.1
+MIN_SKIP_SAMPLE = 50
+
+
 class _InjectPenalty(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, penalty, scale, engine):
@@ -215,6 +228,14 @@ class SafeguardEngine:
         self.nan_skipped = 0
         self._pen_sum = 0.0
         self._pen_n = 0
+        # dead-constraint checks: penalty evaluations (a constraint returned a value) and those skipped as non-finite,
+        # kept with checkpoints; per constraint: penalties returned and non-finite ones; optimizer steps this session
+        self.n_penalty_evals = 0
+        self.n_penalty_skipped = 0
+        self._pen_by: dict[str, int] = {}
+        self._nonfinite_by: dict[str, int] = {}
+        self._session_steps = 0
+        self.data_format_hint = TRL_DATA_FORMAT_HINT
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, tokenizer=None) -> SafeguardEngine:
@@ -239,6 +260,11 @@ class SafeguardEngine:
                 warnings.warn(f"safeguard: {w}", stacklevel=2)
             self._suffix = list(self.artifact.manifest["tokenizer"].get("post_instruction_ids", []))
         self.constraints = [get_constraint(name)(cfg, self.artifact) for name, cfg in self.config.constraint_configs().items()]
+        for c in self.constraints:
+            reason = c.config.noop_reason() if hasattr(c.config, "noop_reason") else None
+            if reason:
+                logger.warning("safeguard: WARNING: %s", reason)
+                warnings.warn(f"safeguard: {reason}", stacklevel=2)
         for c in self.constraints:
             c.validate_model(self.model)
         for c in self.constraints:
@@ -392,19 +418,27 @@ class SafeguardEngine:
                 c.prefetch(batch)  # extra forwards, before the LM head is gathered
         head = [batch.head.weight, batch.head.bias] if batch.head is not None else []
         total = None
+        produced = []
         with gathered(head):  # ZeRO-3: the LM head is partitioned outside its own forward (collective gather)
             for c in self.constraints:
                 if not n_valid and not c.uses_final_hidden:
                     continue  # no post-instruction positions in this micro-batch
                 p = c.penalty(batch)
                 if p is not None:
+                    produced.append((c.name, p))
+                    self._pen_by[c.name] = self._pen_by.get(c.name, 0) + 1
                     total = p if total is None else total + p
         if total is None:
             return h
         total = total.float()
         value = float(total.detach())
+        self.n_penalty_evals += 1
         if not math.isfinite(value):
             self.nan_skipped += 1
+            self.n_penalty_skipped += 1
+            for name, p in produced:
+                if not bool(torch.isfinite(p.detach()).all()):
+                    self._nonfinite_by[name] = self._nonfinite_by.get(name, 0) + 1
             if self.config.nan_policy == "raise":
                 raise SafeguardRuntimeError(f"safeguard penalty is {value} at step {self.global_step}")
             warnings.warn(f"safeguard: non-finite penalty ({value}) at step {self.global_step}; skipped this "
@@ -602,7 +636,8 @@ class SafeguardEngine:
 
         from safetensors.torch import save_file
 
-        tensors, meta = {}, {"nan_skipped": self.nan_skipped, "optimizer_steps_seen": self.optimizer_steps_seen}
+        tensors, meta = {}, {"nan_skipped": self.nan_skipped, "optimizer_steps_seen": self.optimizer_steps_seen,
+                             "penalty_evals": self.n_penalty_evals, "penalty_skipped": self.n_penalty_skipped}
         for name, cache in self._cache.items():
             if cache:
                 keys = list(cache)
@@ -649,6 +684,8 @@ class SafeguardEngine:
                 c.load_state_dict(st)
         self.nan_skipped = int(meta.get("nan_skipped", 0))
         self.optimizer_steps_seen = int(meta.get("optimizer_steps_seen", 0))
+        self.n_penalty_evals = int(meta.get("penalty_evals", 0))
+        self.n_penalty_skipped = int(meta.get("penalty_skipped", 0))
         return True
 
     # ---------------------------------------------------------------------------------------- lifecycle
@@ -677,13 +714,90 @@ class SafeguardEngine:
         """Call after each optimizer step (``on_step_end``): runs edits and the first-steps sanity checks."""
         self.global_step = int(global_step)
         self.optimizer_steps_seen += 1
+        self._session_steps += 1
         ctx = self.context()
         for c in self.constraints:
             c.after_step(ctx)
         self._sanity_check()
 
+    def end_training(self) -> None:
+        """Call when training ends (``on_train_end``): the checks of the first steps for a run that ended before
+        ``check_first_steps``, and the checks over the whole run. Raises :class:`SafeguardRuntimeError` when a
+        constraint never acted (hooks never ran, no post-instruction position found, no penalty computed, or too
+        many penalties skipped as non-finite)."""
+        if self._session_steps == 0 or not (self._layers or self._final_users):
+            return  # no optimizer step in this process (e.g. resumed at the last step), or nothing hooked
+        steps = self._session_steps
+        counts = [float(self.n_forward), float(self.n_rows_found)] + [float(self._pen_by.get(c.name, 0))
+                                                                     for c in self.constraints]
+        if self._world > 1:  # the same decision on every rank (collective: every rank ends training)
+            counts = all_reduce_sum(counts).tolist()
+        n_forward, n_found, pens = counts[0], counts[1], counts[2:]
+        if n_forward == 0:
+            raise SafeguardRuntimeError(
+                f"safeguard's hooks did not run during the {steps} training step(s), so the constraints did not change "
+                "training. The trainer must call the same model object safeguard was attached to (attach after "
+                "PEFT wrapping / model surgery), with input_ids."
+            )
+        if self._layers and n_found == 0:
+            raise SafeguardRuntimeError(self._no_positions_message(f"the {steps} training step(s) of this run"))
+        self._check_skipped(final=True)
+        for c, n_pen in zip(self.constraints, pens):
+            if not (c.layers() or c.uses_final_hidden) or n_pen:
+                continue
+            why = c.config.no_penalty_reason() if hasattr(c.config, "no_penalty_reason") else None
+            if why:
+                msg = f"safeguard: {c.name} computed no penalty in this run: {why}"
+                logger.warning(msg)
+                warnings.warn(msg, stacklevel=2)
+                continue
+            found = (f"; post-instruction positions were found in {self.n_rows_found} of {self.n_rows} rows"
+                     if self._layers else "")
+            missing = (f", {self.n_rows_ref_missing} of them without a reference value (precompute_references off, "
+                       "or full fine-tuning past the first update)" if self.n_rows_ref_missing else "")
+            raise SafeguardRuntimeError(
+                f"safeguard: constraint '{c.name}' computed no penalty in any of the {self.n_forward} training forwards "
+                f"of this run ({steps} optimizer steps){found}{missing}, so it did not change training. Check that the "
+                "training data matches the artifact (chat template, labels) and that reference values are precomputed "
+                "(SafeguardCallback(precompute_references=True))."
+            )
+
+    def _no_positions_message(self, where: str) -> str:
+        return (f"safeguard found the post-instruction tokens {self._suffix} in none of the {self.n_rows} training "
+                f"examples of {where}, so no constraint applied (safeguard/position_coverage 0.0). "
+                f"{self.data_format_hint}")
+
+    def _check_skipped(self, final: bool = False) -> None:
+        """Fail when the penalty was skipped as non-finite (``nan_policy: skip``) in every micro-batch of the first
+        ``check_first_steps`` steps, or in more than ``MAX_SKIPPED_SHARE`` of the run's penalty evaluations."""
+        k = self.config.check_first_steps
+        first = self.optimizer_steps_seen == k or (final and self.optimizer_steps_seen < k)
+        rate = final or self.optimizer_steps_seen >= k
+        if not (first or rate):
+            return
+        evals, skipped = self.n_penalty_evals, self.n_penalty_skipped
+        if self._world > 1:  # the same decision on every rank (collective: every rank runs this check)
+            evals, skipped = (int(v) for v in all_reduce_sum([float(evals), float(skipped)]).tolist())
+        if not skipped:
+            return
+        culprits = ", ".join(f"'{n}' in {m}" for n, m in sorted(self._nonfinite_by.items())) or "unknown"
+        cause = (f"the penalty was non-finite (NaN/inf) and skipped (nan_policy: skip) in {skipped} of {evals} "
+                 f"micro-batches (non-finite from {culprits})")
+        fix = ("A NaN or zero direction / std tensor in the artifact gives this: check it with `safeguard inspect "
+               f"{self.artifact.path if self.artifact is not None else '<artifact>'}` and re-run `safeguard calibrate`; "
+               "otherwise lower the constraint weights. nan_policy: skip is for rare bad steps, not a dead constraint.")
+        if first and skipped >= evals:
+            raise SafeguardRuntimeError(f"safeguard: {cause}: every penalty of the first {self.optimizer_steps_seen} "
+                                        f"optimizer step(s), so no constraint applied. {fix}")
+        if rate and (final or evals >= MIN_SKIP_SAMPLE) and skipped > MAX_SKIPPED_SHARE * evals:
+            raise SafeguardRuntimeError(f"safeguard: {cause}: {skipped / evals:.0%} of the run's penalties, more than "
+                                        f"the {MAX_SKIPPED_SHARE:.0%} nan_policy: skip tolerates. {fix}")
+
     def _sanity_check(self) -> None:
-        if not (self._layers or self._final_users) or self.optimizer_steps_seen > self.config.check_first_steps:
+        if not (self._layers or self._final_users):
+            return
+        self._check_skipped()
+        if self.optimizer_steps_seen > self.config.check_first_steps:
             return
         if self.optimizer_steps_seen == 1 and self.n_forward == 0:
             raise SafeguardRuntimeError(
@@ -697,12 +811,7 @@ class SafeguardEngine:
                 "does not depend on the hooked layers' outputs. Use SafeguardTrainerMixin / SafeguardSFTTrainer."
             )
         if self._layers and self.optimizer_steps_seen == self.config.check_first_steps and self.n_rows_found == 0:
-            raise SafeguardRuntimeError(
-                f"safeguard found the post-instruction tokens {self._suffix} in none of the {self.n_rows} training "
-                f"examples of the first {self.optimizer_steps_seen} steps, so no constraint applied. Format the data "
-                "with the same chat template the artifact was calibrated with (conversational 'messages' or "
-                "'prompt'/'completion' data in TRL), or re-calibrate with this tokenizer."
-            )
+            raise SafeguardRuntimeError(self._no_positions_message(f"the first {self.optimizer_steps_seen} steps"))
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}

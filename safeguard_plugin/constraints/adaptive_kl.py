@@ -61,8 +61,9 @@ import warnings
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from ..config import errors_at
 from ..risk import RiskContext, RiskExample, available_risk_estimators, clamp_risk, get_risk_estimator
 from .base import BatchView, Constraint, ConstraintConfig, OutputHead, TrainContext
 
@@ -109,8 +110,17 @@ class AdaptiveKLConfig(ConstraintConfig):
         except KeyError:
             raise ValueError(f"risk: unknown estimator '{self.risk}'; registered: "
                              f"{', '.join(available_risk_estimators())}") from None
-        cls.config_class.model_validate(self.risk_options)  # errors name risk_options' keys
+        try:
+            cls.config_class.model_validate(self.risk_options, strict=True)
+        except ValidationError as err:  # errors name risk_options' keys: adaptive_kl.risk_options.<key>
+            raise ValidationError.from_exception_data(type(self).__name__, errors_at(err, "risk_options")) from None
         return self
+
+    def no_penalty_reason(self) -> str | None:
+        if self.risk_floor is not None:
+            return (f"every training example scored below adaptive_kl.risk_floor ({self.risk_floor:g}), so all of them "
+                    "trained as plain SFT, as configured")
+        return None
 
 
 # ------------------------------------------------------------------------------------------ the LM-head term

@@ -10,6 +10,7 @@
 | penalty         | every training micro-batch forward          | ``penalty(batch)`` -> scalar tensor         |
 | after_step      | after each optimizer step                   | ``after_step(ctx)``                         |
 | metrics         | at each logging step                        | ``metrics()``                               |
+| save / load     | the trainer's model saves, resume           | ``save_model``, ``load_model`` (opt-in)     |
 
 The engine owns hooks, caching, gradient-accumulation scaling, NaN guarding and logging; a constraint
 only does its maths.
@@ -27,29 +28,80 @@ Capabilities a constraint can ask for (class attributes), all off by default:
   norm, the LM head's input), with the trainer's labels: ``BatchView.hidden``, ``labels``,
   ``next_token_targets()``, ``head`` (logits for chosen positions only) and ``reference_hidden()`` (a no-grad
   forward of the original weights on this batch, run only when the constraint asks for it).
+* ``owns_model_save``: a plain ``save_pretrained`` of the model this constraint modified would be another model (e.g.
+  GuardSpace: the projector and the residual weights would be lost), so the integrations route the trainer's own
+  model saves (``save_model``, checkpoints, ``push_to_hub``) through ``save_model(model, folder)`` and its loads
+  (resuming, best model) through ``load_model(model, folder)``. At most one active constraint may own the save.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from ..config import python_form
 
 if TYPE_CHECKING:
     from ..artifacts import Artifact
     from ..engine import SafeguardEngine
 
 
-class ConstraintConfig(BaseModel):
-    """Base for every constraint's config section; unknown keys are errors."""
+# The largest effective penalty weight (after every multiplier a constraint applies, e.g. ProCon's warm-up factor).
+# Gradient norms square the gradient entries, and float32 overflows at ~3.4e38 (its square root is ~1.8e19): a weight
+# of 1e30 gave an inf grad norm at step 2. 1e12 leaves 1e7 of headroom for the penalty's own gradient per unit weight;
+# useful weights are 1-1000.
+MAX_PENALTY_WEIGHT = 1e12
 
-    model_config = ConfigDict(extra="forbid")
+
+def check_effective_weight(what: str, value: float) -> float:
+    """Raise (naming ``what``) when an effective penalty weight is not finite or would overflow float32 gradients."""
+    if not math.isfinite(value) or value > MAX_PENALTY_WEIGHT:
+        name = f"{what} = " if what else ""
+        raise ValueError(f"{name}{value:g} is too large: penalty weights above {MAX_PENALTY_WEIGHT:g} overflow float32 "
+                         "gradients (inf grad norm); typical weights are 1-1000")
+    return value
+
+
+def _penalty_weight(value: float) -> float:
+    return check_effective_weight("", value)
+
+
+# A penalty weight λ: a finite number in [0, MAX_PENALTY_WEIGHT] (ints are fine; strings and booleans are not).
+PenaltyWeight = Annotated[float, Field(ge=0, allow_inf_nan=False), AfterValidator(_penalty_weight)]
+
+
+class ConstraintConfig(BaseModel):
+    """Base for every constraint's config section; unknown keys are errors.
+
+    Strict types: numbers must be numbers (an int is fine for a float field; ``"1e3"`` and ``true`` are not),
+    booleans must be booleans (not ``"no"`` or ``1``), and every float must be finite (no ``.inf`` / ``.nan``).
+    From Python, a tuple is accepted for a list, an ``os.PathLike`` for a string and a NumPy number for a number.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     enabled: bool = Field(True, description="Set false to keep the section but switch the constraint off.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _python_forms(cls, data: Any) -> Any:
+        return {k: python_form(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+    def noop_reason(self) -> str | None:
+        """Why this section, although enabled, would not change training (the engine warns at set-up), or None."""
+        return None
+
+    def no_penalty_reason(self) -> str | None:
+        """Why a run in which this constraint never returned a penalty still did what was configured (the engine
+        then warns at the end of training instead of failing the run), or None."""
+        return None
 
 
 @dataclass
@@ -174,6 +226,10 @@ class Constraint:
     # calibrate() reads the base model's own Linear layers (weights, inputs, gradients): integrations must run it
     # before PEFT wraps them (e.g. Axolotl's pre_lora_load), not on the adapter-disabled PEFT model
     calibrates_base_layers: ClassVar[bool] = False
+    # what calibration costs beyond forward passes, shown in `safeguard calibrate`'s plan (measured figures)
+    calibration_note: ClassVar[str] = ""
+    # save_model() / load_model() replace the trainer's own model save and resume load (see the module docstring)
+    owns_model_save: ClassVar[bool] = False
 
     def __init__(self, config: ConstraintConfig, artifact: Artifact | None):
         self.config = config
@@ -255,3 +311,16 @@ class Constraint:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    # -- the trainer's own model saves and loads (only with ``owns_model_save``)
+    def save_model(self, model: torch.nn.Module, folder: str | os.PathLike) -> str | None:
+        """Write ``model`` (the one this constraint modified) to ``folder`` in place of the trainer's
+        ``save_pretrained``: what a plain PEFT / transformers save would write for the trained model (e.g. a standard
+        adapter ``PeftModel.from_pretrained`` loads), plus whatever ``load_model`` needs to resume training. Returns a
+        note for the log (e.g. how to reload it), or None."""
+        raise NotImplementedError(f"constraint '{self.name}' sets owns_model_save but does not implement save_model")
+
+    def load_model(self, model: torch.nn.Module, folder: str | os.PathLike) -> bool:
+        """Restore into ``model`` the trained state ``save_model`` wrote to ``folder`` (resuming, best model); False
+        when ``folder`` holds no such save (the trainer then loads it as usual)."""
+        return False

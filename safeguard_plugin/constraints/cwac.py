@@ -45,7 +45,7 @@ from pydantic import Field
 from torch import nn
 
 from ..distributed import get_full_param, set_full_param
-from .base import BatchView, Constraint, ConstraintConfig, TrainContext
+from .base import BatchView, Constraint, ConstraintConfig, PenaltyWeight, TrainContext
 
 logger = logging.getLogger("safeguard_plugin")
 
@@ -68,7 +68,7 @@ class CWACConfig(ConstraintConfig):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Linear layers inside the decoder blocks (suffixes such as 'q_proj').")
     # -- activation part
-    sae_weight: float = Field(1.0, ge=0, description="λ of the SAE feature term (0: weight projection only).")
+    sae_weight: PenaltyWeight = Field(1.0, description="λ of the SAE feature term (0: weight projection only).")
     n_features: int | None = Field(None, ge=1, description="Use the first n of the artifact's ranked safety features.")
     normalize: bool = Field(True, description="Divide feature changes by their calibration std.")
     # -- calibration only
@@ -382,6 +382,8 @@ class CWAC(Constraint):
     requires = ()
     uses_reference = True
     calibrates_base_layers = True  # gradient subspaces of the plain Linear weights
+    calibration_note = ("gradient subspaces (a backward per prompt) and an SAE; "
+                        "3.1 min for 128 prompts on Qwen2.5-0.5B, 2 CPU cores")
 
     def __init__(self, config: CWACConfig, artifact):
         super().__init__(config, artifact)
