@@ -29,8 +29,6 @@ from ..modeling import is_peft_model, unwrap_model
 
 logger = logging.getLogger("safeguard_plugin")
 
-GUARDSPACE_SUBDIR = "guardspace"  # <checkpoint or output dir>/guardspace: save_guardspace's folder (projector kept)
-
 __all__ = ["SafeguardCallback", "SafeguardTrainerMixin", "SafeguardSFTTrainer", "loss_is_scaled_for_ga"]
 
 
@@ -44,6 +42,24 @@ def _find_trainer(callback: TrainerCallback, max_depth: int = 40):
         handler = getattr(obj, "callback_handler", None)
         if handler is not None and any(cb is callback for cb in getattr(handler, "callbacks", [])):
             return obj
+        f = f.f_back
+    return None
+
+
+def _resume_checkpoint(callback: TrainerCallback, max_depth: int = 40) -> str | None:
+    """The checkpoint the Trainer resumes from, as ``Trainer.train`` resolved it (``resume_from_checkpoint=True``: the
+    last checkpoint in ``output_dir``; a path: that folder, wherever it is). No callback argument carries it:
+    transformers passes it to ``_inner_training_loop``, which fires ``on_train_begin``, as its ``resume_from_checkpoint``
+    argument, so it is read from that frame (the Trainer's frame on the call stack of the event)."""
+    f = sys._getframe(1)
+    for _ in range(max_depth):
+        if f is None:
+            break
+        handler = getattr(f.f_locals.get("self"), "callback_handler", None)
+        if handler is not None and any(cb is callback for cb in getattr(handler, "callbacks", [])):
+            path = f.f_locals.get("resume_from_checkpoint")
+            if isinstance(path, (str, os.PathLike)):
+                return os.fspath(path)
         f = f.f_back
     return None
 
@@ -72,7 +88,7 @@ class SafeguardCallback(TrainerCallback):
         self.trainer = None
         self._log_wrapped = False
         self.log = logger  # the Axolotl plugin routes messages to a logger Axolotl shows
-        self.save_adapters_at_train_end = True  # False when the caller saves them itself (Axolotl plugin)
+        self._save_wrapped_for = None  # the trainer whose model saves/loads go through _model_save_owner()
 
     # -- binding
     def _bind(self, trainer, model, tokenizer) -> None:
@@ -82,8 +98,11 @@ class SafeguardCallback(TrainerCallback):
             self.trainer = trainer
             tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
         self.engine.setup(model, getattr(tokenizer, "tokenizer", tokenizer))
+        self._model_save_owner()  # two constraints replacing the model save: fail before step 1
         if self.trainer is not None and not self._log_wrapped:
             self._wrap_log(self.trainer)
+        if self.trainer is not None and self._save_wrapped_for is not self.trainer:
+            self._wrap_save(self.trainer)
         logger.warning(self.engine.banner())
 
     def _wrap_log(self, trainer) -> None:
@@ -98,6 +117,87 @@ class SafeguardCallback(TrainerCallback):
         trainer.log = log
         self._log_wrapped = True
 
+    # -- the trainer's own model saves and loads, for a constraint that owns them (Constraint.owns_model_save)
+    def _model_save_owner(self):
+        owners = [c for c in self.engine.constraints if c.owns_model_save]
+        if len(owners) > 1:
+            raise SafeguardRuntimeError(
+                f"constraints {', '.join(c.name for c in owners)} each replace the trainer's model save "
+                "(owns_model_save) and cannot share one: enable only one of them")
+        return owners[0] if owners else None
+
+    def _partitioned(self, trainer) -> bool:
+        """Parameters sharded across ranks (DeepSpeed ZeRO-3, FSDP): the owner cannot read the model whole."""
+        return bool(getattr(trainer, "is_fsdp_enabled", False)) or any(
+            hasattr(p, "ds_id") for p in self.engine.model.parameters())
+
+    def _wrap_save(self, trainer) -> None:
+        """Route the trainer's model saves through the owning constraint's ``save_model`` and its loads through
+        ``load_model``, the way ``_wrap_log`` wraps ``trainer.log``. ``Trainer._save`` is where ``save_model``,
+        every checkpoint and ``push_to_hub`` write the model: the trainer's own ``_save`` still runs (tokenizer,
+        ``training_args.bin``, rank checks), with the model's ``save_pretrained`` answered by the owner.
+        ``_load_from_checkpoint`` (resume) and ``_load_best_model`` (``load_best_model_at_end``) restore a folder the
+        owner wrote with ``load_model``; other folders (e.g. checkpoints of older versions) load as before."""
+        original_save, original_load = trainer._save, trainer._load_from_checkpoint
+        original_best = getattr(trainer, "_load_best_model", None)
+        callback = self
+
+        def usable_owner(folder, action):
+            owner = callback._model_save_owner() if callback.engine.model is not None else None
+            if owner is not None and callback._partitioned(trainer):
+                if trainer.args.should_save:
+                    callback.log.warning("safeguard: parameters are partitioned (DeepSpeed ZeRO-3 / FSDP): %s cannot "
+                                         "%s %s; the trainer's own format is used, which lacks what %s adds to the "
+                                         "model", owner.name, action, folder, owner.name)
+                return None
+            return owner
+
+        def _save(output_dir=None, state_dict=None):
+            folder = os.fspath(output_dir if output_dir is not None else trainer.args.output_dir)
+            owner = usable_owner(folder, "write the model to")
+            if owner is None:
+                return original_save(output_dir, state_dict=state_dict)
+            model, notes = callback.engine.model, []
+
+            def save_pretrained(save_directory, *args: Any, is_main_process: bool = True, **kwargs: Any):
+                if is_main_process:
+                    notes.append(owner.save_model(model, save_directory))
+
+            shadowed = {id(m): m for m in (trainer.model, unwrap_model(trainer.model), model) if m is not None}
+            for m in shadowed.values():
+                m.save_pretrained = save_pretrained  # instance attribute: the trainer's call lands here
+            try:
+                result = original_save(folder, state_dict=state_dict)
+            finally:
+                for m in shadowed.values():
+                    delattr(m, "save_pretrained")
+            if not notes and trainer.args.should_save:  # a _save that never called save_pretrained
+                notes.append(owner.save_model(model, folder))
+            if notes:
+                callback.log.info("safeguard: %s wrote the trained model to %s%s", owner.name, folder,
+                                  f"; {notes[0]}" if notes[0] else "")
+            return result
+
+        def _load_from_checkpoint(resume_from_checkpoint, model=None):
+            owner = usable_owner(resume_from_checkpoint, "load the model from")
+            if owner is not None and owner.load_model(callback.engine.model, resume_from_checkpoint):
+                callback.log.info("safeguard: %s restored the model from %s", owner.name, resume_from_checkpoint)
+                return None
+            return original_load(resume_from_checkpoint, model)
+
+        def _load_best_model():
+            best = trainer.state.best_model_checkpoint
+            owner = usable_owner(best, "load the model from")
+            if owner is not None and owner.load_model(callback.engine.model, best):
+                callback.log.info("safeguard: %s restored the best model from %s", owner.name, best)
+                return None
+            return original_best()
+
+        trainer._save, trainer._load_from_checkpoint = _save, _load_from_checkpoint
+        if original_best is not None:
+            trainer._load_best_model = _load_best_model
+        self._save_wrapped_for = trainer
+
     # -- events
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._bind(_find_trainer(self), model, processing_class)
@@ -110,7 +210,7 @@ class SafeguardCallback(TrainerCallback):
             self._bind(self.trainer, current, processing_class)
         self.engine.begin_training(state.max_steps, args.gradient_accumulation_steps, state.global_step)
         if state.global_step > 0:  # resuming: the weights are no longer the original ones
-            ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            ckpt = _resume_checkpoint(self) or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if self.engine.load_state(ckpt):
                 logger.info("safeguard: restored reference cache from %s", ckpt)
             elif any(c.uses_reference for c in self.engine.constraints) and not is_peft_model(self.engine.model):
@@ -149,34 +249,24 @@ class SafeguardCallback(TrainerCallback):
             control.should_training_stop = True
 
     def save_adapters(self, folder: str | os.PathLike) -> list[str]:
-        """Write the modules a constraint added (GuardSpace: ``save_guardspace``, which keeps the null-space
-        projector and exports a standard PEFT adapter with it folded in) to ``folder``; returns the folders written.
-
-        A plain PEFT / Trainer save of a GuardSpace model drops the projector and the residual: that adapter,
-        loaded on the original base model, gives a different model than the one trained.
-        """
-        written = []
-        for c in self.engine.constraints:
-            save = getattr(c, "save_pretrained", None)
-            model = getattr(c, "_model", None)
-            if not callable(save) or model is None:
-                continue
-            if any(hasattr(p, "ds_id") for p in model.parameters()):
-                self.log.warning("safeguard: %s adapters are partitioned (DeepSpeed ZeRO-3) and were NOT saved to %s",
-                                 c.name, folder)
-                continue
-            path = save(folder)
-            self.log.info("safeguard: saved %s adapters (projector included) to %s; reload with "
-                          "load_guardspace(base_model, %r) or PeftModel.from_pretrained(base_model, %r)",
-                          c.name, path, str(path), str(path))
-            written.append(str(path))
-        return written
+        """Write the model with the constraint that owns its save (``Constraint.owns_model_save``; GuardSpace: a
+        standard PEFT adapter with the projector folded in, plus its own files) to ``folder``, for a caller that saves
+        the model without the trainer's ``save_model`` (the Axolotl plugin); returns the folders written (none when no
+        constraint owns the save). The trainer's own saves already go through the owner (``_wrap_save``)."""
+        owner = self._model_save_owner() if self.engine.model is not None else None
+        if owner is None:
+            return []
+        if self._partitioned(self.trainer):
+            self.log.warning("safeguard: parameters are partitioned (DeepSpeed ZeRO-3 / FSDP): %s did NOT write the "
+                             "model to %s", owner.name, folder)
+            return []
+        note = owner.save_model(self.engine.model, folder)
+        self.log.info("safeguard: %s wrote the trained model to %s%s", owner.name, folder, f"; {note}" if note else "")
+        return [os.fspath(folder)]
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            self.engine.save_state(ckpt)
-            self.save_adapters(os.path.join(ckpt, GUARDSPACE_SUBDIR))
+            self.engine.save_state(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._log_wrapped and logs is not None and "loss" in logs:
@@ -186,10 +276,8 @@ class SafeguardCallback(TrainerCallback):
                 state.log_history[-1].update(m)
 
     def on_train_end(self, args, state, control, **kwargs):
-        # the trainer's own final save (save_model after train()) would drop GuardSpace's projector: a subfolder
-        # it never writes to keeps the complete adapter
-        if self.save_adapters_at_train_end and state.is_world_process_zero:
-            self.save_adapters(os.path.join(args.output_dir, GUARDSPACE_SUBDIR))
+        # a run whose constraints never acted fails here, also when it ended before check_first_steps (Axolotl too)
+        self.engine.end_training()
 
 
 class SafeguardTrainerMixin:

@@ -104,8 +104,8 @@ def test_calibration_component_and_statistics(gs_art):
     print("null-space dims:", {k: v["null_dim"] for k, v in meta["layers"].items()})
 
 
-def test_default_calibration_includes_guardspace(artifact_dir):
-    """``safeguard calibrate`` (all registered constraints) adds the component with per-layer statistics."""
+def test_calibration_for_all_constraints_includes_guardspace(artifact_dir):
+    """Calibrating for every registered constraint adds the component with per-layer statistics."""
     from safeguard_plugin.artifacts import Artifact
 
     _, meta = Artifact.load(artifact_dir).component("guardspace")
@@ -337,9 +337,9 @@ def test_trl_callback_injects_and_trains_adapters_only(gs_art, tok, chat_rows, t
     assert gs.null_space_report()["0.self_attn.q_proj"]["null_dim"] > 0
 
 
-def test_trl_callback_saves_guardspace_at_checkpoints_and_train_end(gs_art, tok, chat_rows, batch, tmp_path, caplog):
-    """Nothing for the user to do: checkpoint-N/guardspace and <output_dir>/guardspace hold the trained model, projector
-    included, while the trainer's own adapter files (which lack the projector) are left as they are for resuming."""
+def test_trl_callback_saves_guardspace_at_checkpoints_and_save_model(gs_art, tok, chat_rows, batch, tmp_path, caplog):
+    """Nothing for the user to do: the trainer's own saves (checkpoint-N, save_model) hold the trained model, projector
+    included (GuardSpace.save_model through the callback), never the trainer's full model.safetensors."""
     import logging
 
     from helpers import train
@@ -350,10 +350,11 @@ def test_trl_callback_saves_guardspace_at_checkpoints_and_train_end(gs_art, tok,
     with caplog.at_level(logging.INFO, logger="safeguard_plugin"):
         tr, _ = train("callback", chat_rows, tok, tmp_path, cfg, model=m, max_steps=3, save_strategy="steps",
                       save_steps=2)
+        tr.save_model()  # what TRL scripts call after train(): output_dir
     trained = logits(m, batch)
-    final, ckpt = tmp_path / "guardspace", tmp_path / "checkpoint-2" / "guardspace"
-    assert f"saved guardspace adapters (projector included) to {final}" in caplog.text
-    assert f"to {ckpt}" in caplog.text and (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
+    final, ckpt = tmp_path, tmp_path / "checkpoint-2"
+    assert f"guardspace wrote the trained model to {final}; projector included" in caplog.text
+    assert f"to {ckpt}" in caplog.text and not (ckpt / "model.safetensors").exists()
     re = load_guardspace(model(), final)
     assert (logits(re, batch) - trained).abs().max() < 1e-5
     assert (logits(PeftModel.from_pretrained(model(), final), batch) - trained).abs().max() < 1e-4
