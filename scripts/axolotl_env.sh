@@ -2,6 +2,7 @@
 # Axolotl test environment: its own venv, because Axolotl pins older transformers/TRL/PEFT than our main one.
 #
 #   scripts/axolotl_env.sh                 # creates/updates .venv-axolotl (idempotent; a no-op when complete)
+#   . .venv-axolotl/bin/activate           # needed for `axolotl train` (it starts `accelerate` from PATH)
 #   .venv-axolotl/bin/python -m pytest tests/test_axolotl.py -q -p no:cacheprovider
 #
 # Env: AXOLOTL_VENV (default .venv-axolotl), AXOLOTL_VERSION (default 0.19.0, the newest on PyPI that keeps the
@@ -51,3 +52,18 @@ print("axolotl env ok:", ", ".join(f"{d} {md.version(d)}" for d in
       ("axolotl", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "pydantic", "deepspeed",
        "safeguard-plugin")))
 PYEOF
+
+# what to type next: `axolotl train` starts `accelerate` from PATH, so the venv must be activated (calling
+# $VENV/bin/axolotl directly fails with "No such file or directory: b'/bin/accelerate'")
+case "$VENV" in /*) ACTIVATE="$VENV/bin/activate" ;; *) ACTIVATE="$PWD/$VENV/bin/activate" ;; esac
+cat <<EOF2
+
+Axolotl environment ready. Activate it in every new shell (axolotl starts \`accelerate\` from PATH):
+
+  . $ACTIVATE
+
+then try the plugin on a tiny local model (from $PWD):
+
+  safeguard example-data --out axolotl-example
+  cd axolotl-example && HF_HUB_OFFLINE=1 WANDB_MODE=disabled axolotl train ../example_yamls/axolotl_lora_procon.yaml
+EOF2

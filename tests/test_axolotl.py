@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA_YAML = ROOT / "example_yamls" / "axolotl_lora_procon.yaml"
 FULL_YAML = ROOT / "example_yamls" / "axolotl_full_procon.yaml"
 GUARDSPACE_YAML = ROOT / "example_yamls" / "axolotl_lora_guardspace.yaml"
+# what the trainer's saves (every checkpoint-N) and post_train (output_dir) write under GuardSpace
+GUARDSPACE_FILES = {"adapter_config.json", "adapter_model.safetensors", "guardspace.json", "guardspace.safetensors"}
 QLORA_YAML = ROOT / "example_yamls" / "axolotl_qlora_adaptive_kl.yaml"
 ZERO2_YAML = ROOT / "example_yamls" / "axolotl_deepspeed_zero2_procon.yaml"
 ZERO3_YAML = ROOT / "example_yamls" / "axolotl_deepspeed_zero3_procon.yaml"
@@ -285,17 +287,63 @@ def test_lora_weights_differ_from_the_run_without_the_block(lora_runs):
     assert max_diff(procon, plain) > 1e-4
 
 
-def test_pre_lora_load_seeds_adapter_init():
+def test_lora_init_is_seeded_from_the_yaml_and_calibration_leaves_it(tmp_path):
+    """pre_lora_load seeds torch with the YAML's `seed:` (Axolotl 0.19 seeds nothing before the LoRA initialisation and
+    torch starts each process from a random seed, checked below), and says so in the banner; a calibration inside the
+    run (pre_lora_load for GuardSpace/CWAC, post_model_load otherwise) runs on a forked RNG, so whether the artifact
+    was there or calibrated does not change what LoRA or the trainer draw next."""
+    import random
+
     from axolotl.utils.dict import DictDefault
 
-    from safeguard_plugin.integrations.axolotl.plugin import SafeguardPlugin
+    from safeguard_plugin.integrations.axolotl.plugin import (
+        SafeguardPlugin,
+        ensure_artifact,
+        safeguard_block,
+        user_rng_untouched,
+    )
+    from safeguard_plugin.testing import tiny_model, tiny_tokenizer
 
+    fresh = [subprocess.run([sys.executable, "-c", "import torch; print(torch.initial_seed())"], text=True,
+                            capture_output=True, check=True).stdout for _ in range(2)]
+    assert fresh[0] != fresh[1]  # unseeded, two processes draw different LoRA initialisations
     draws = []
     for noise in (0, 1):
         torch.manual_seed(noise)
         SafeguardPlugin().pre_lora_load(DictDefault({"seed": 3}), model=None)
         draws.append(torch.rand(4))
     assert torch.equal(*draws)
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    cfg = DictDefault({**example(LORA_YAML), "base_model": "tiny"})
+    cfg["safeguard"]["artifact"] = str(tmp_path / "art")
+    torch.manual_seed(123)
+    random.seed(5)
+    state = torch.get_rng_state(), random.getstate()
+    ensure_artifact(cfg, safeguard_block(cfg), model, tok)  # what post_model_load does when the artifact is missing
+    assert (tmp_path / "art" / "manifest.json").is_file()
+    with user_rng_untouched():
+        torch.rand(8), random.random()
+    assert torch.equal(torch.get_rng_state(), state[0]) and random.getstate() == state[1]
+
+
+def test_lora_init_is_the_same_with_and_without_the_block(workspace, env):
+    """The LoRA example as written (ProCon at weight 100, its artifact calibrated inside the run) against the same YAML
+    without the `safeguard:` block, both at learning_rate 0 so the saved adapter is the initial one: identical, and
+    the banner says how the initialisation was seeded."""
+    cfg = example(LORA_YAML)
+    cfg["learning_rate"] = 0.0
+    without = copy.deepcopy(cfg)
+    del without["safeguard"]
+    block, plain = (lora_run(workspace, env, f"init-{k}", c) for k, c in (("block", cfg), ("plain", without)))
+    assert "constraint procon: weight=100.0" in block.proc.output and "not found; calibrating" in block.proc.output
+    for run in (block, plain):
+        assert "LoRA init: torch seeded with 0 (the YAML's `seed:`) just before Axolotl creates the adapters" \
+               in run.proc.output, show(run.proc)
+    name = "adapter_model.safetensors"
+    a, b = tensors(block.out, name), tensors(plain.out, name)
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_A" in k) > 0  # a real (random) initialisation
+    assert max_diff(a, b) == 0.0
 
 
 @pytest.mark.slow
@@ -323,6 +371,59 @@ def test_gradient_checkpointing_keeps_the_penalty(workspace, env, lora_runs):
     gc, procon, plain = (tensors(r.out, name) for r in (run, lora_runs["procon"], lora_runs["plain"]))
     d_procon, d_plain = max_diff(gc, procon), max_diff(gc, plain)
     assert d_procon < 1e-2 * d_plain and d_plain > 1e-4, (d_procon, d_plain)
+
+
+# ------------------------------------------------------------------------- offline telemetry, README as written
+TELEMETRY = """
+import os
+import axolotl.cli.config as c  # creates Axolotl's TelemetryManager (reads AXOLOTL_DO_NOT_TRACK once, here)
+from safeguard_plugin.integrations.axolotl import guard
+print("TELEMETRY", c.TELEMETRY_MANAGER.enabled, os.environ.get("AXOLOTL_DO_NOT_TRACK"), guard.telemetry_note)
+"""
+
+
+@pytest.mark.parametrize("track", [None, "0"])
+def test_offline_switches_axolotl_telemetry_off_before_it_starts(env, track):
+    """Offline (HF_HUB_OFFLINE=1), Axolotl 0.19's PostHog sender retries and the process hangs at exit. Its manager
+    reads AXOLOTL_DO_NOT_TRACK when axolotl.cli.config is imported, before any plugin hook: the pydantic guard sets it
+    first. An explicit choice is kept (and warned about when it keeps telemetry on offline)."""
+    e = {k: v for k, v in env.items() if k not in ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK")}
+    if track is not None:
+        e["AXOLOTL_DO_NOT_TRACK"] = track
+    proc = subprocess.run([sys.executable, "-c", TELEMETRY], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("TELEMETRY ")), proc.stdout[-2000:])
+    if track is None:
+        assert line.startswith("TELEMETRY False 1   telemetry: Axolotl's telemetry switched off (AXOLOTL_DO_NOT_TRACK=1 "
+                               "set by safeguard-plugin because HF_HUB_OFFLINE=1"), line
+    else:
+        assert line.startswith("TELEMETRY True 0   WARNING: HF_HUB_OFFLINE=1 (offline) but Axolotl's telemetry is on "
+                               "(AXOLOTL_DO_NOT_TRACK=0)"), line
+
+
+README_MARKER = "<!-- axolotl quick start: run as written by tests/test_axolotl.py -->"
+
+
+def test_readme_axolotl_commands_work_as_written(tmp_path, env):
+    """The main README's Axolotl block, line for line, from a folder laid out like the repository: the venv activated
+    by its own `activate` (not already on PATH), no AXOLOTL_DO_NOT_TRACK/HF_HUB_OFFLINE but what the block sets, and
+    nothing prepared beforehand (`safeguard example-data` writes the model and data)."""
+    block = (ROOT / "README.md").read_text().split(README_MARKER, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    assert lines[:2] == ["scripts/axolotl_env.sh", ". .venv-axolotl/bin/activate"], lines  # set-up: this very venv
+    script = "\n".join(["set -euo pipefail", f". {BIN / 'activate'}", *lines[2:]])
+    (tmp_path / "example_yamls").symlink_to(ROOT / "example_yamls")
+    e = {k: v for k, v in env.items()
+         if k not in ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK", "HF_HUB_OFFLINE", "WANDB_MODE", "VIRTUAL_ENV")}
+    e["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN)
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=e, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+    out = proc.stdout
+    assert proc.returncode == 0, "\n".join(out.splitlines()[-60:])
+    assert "Axolotl's telemetry switched off (AXOLOTL_DO_NOT_TRACK=1 set by safeguard-plugin" in out
+    assert "posthog" not in out.lower()  # before: PostHog's retries to us.i.posthog.com, and a hang where DNS answers
+    assert "Model successfully saved" in out and sum("'safeguard/procon_loss'" in x for x in out.splitlines()) == 4
+    assert (tmp_path / "axolotl-example" / "outputs" / "lora-procon" / "adapter_model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------ (3), (4) block without the plugin
@@ -393,21 +494,28 @@ def test_guardspace_run_kernels_off_and_adapters_saved(guardspace_run):
     assert "not found; calibrating" in out and "guardspace" in (run.dir / "safeguard-artifacts/tiny-model-guardspace/"
                                                                  "manifest.json").read_text()
     summary = json.loads((run.out / "safeguard_run.json").read_text())
-    assert summary["optimizer_steps"] == 4 and summary["adapters"] == [str(Path(example(GUARDSPACE_YAML)["output_dir"]))]
+    assert summary["optimizer_steps"] == 4
+    assert [Path(p) for p in summary["adapters"]] == [Path(example(GUARDSPACE_YAML)["output_dir"])]
     assert all(h["safeguard/guardspace_update_norm"] > 0 for h in summary["log_history"])
-    for step in (2, 4):
-        assert f"saved guardspace adapters (projector included) to outputs/lora-guardspace/checkpoint-{step}/guardspace" \
-               in out
-        assert (run.out / f"checkpoint-{step}" / "guardspace" / "guardspace.safetensors").is_file()
+    # the trainer's own checkpoint saves go through GuardSpace (and post_train writes output_dir): the standard
+    # layout, directly in the folder, logged with the folder as the YAML names it (./outputs/lora-guardspace)
+    lora_r, output_dir = example(GUARDSPACE_YAML)["lora_r"], example(GUARDSPACE_YAML)["output_dir"]
+    for rel in [os.path.join(output_dir, f"checkpoint-{step}") for step in (2, 4)] + [output_dir]:
+        folder = run.dir / rel
+        assert f"guardspace wrote the trained model to {rel}; projector included" in out, rel
+        assert GUARDSPACE_FILES <= {p.name for p in folder.iterdir()}, rel
+        assert not (folder / "guardspace").exists() and not (folder / "model.safetensors").exists(), rel
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2 * lora_r, rel  # [B, -B0][A P; A0 P]
     # post_train runs twice; the second call (after Axolotl's own save) puts the complete adapter back
-    assert out.index("Model successfully saved to") < out.index("writing the GuardSpace adapter over the one Axolotl")
-    assert {"guardspace.safetensors", "guardspace.json", "adapter_model.safetensors"} <= {p.name for p in run.out.iterdir()}
+    assert out.index("Model successfully saved to") < out.index("writing the GuardSpace adapter over the one Axolotl") \
+        < out.rindex(f"guardspace wrote the trained model to {output_dir}; projector included")
 
 
 def test_guardspace_output_dir_reloads_the_trained_model(workspace, guardspace_run):
     """load_guardspace(base, output_dir) == the trained model, rebuilt independently from what the trainer itself saved
-    at the last step (checkpoint-4: plain LoRA factors) + the artifact (residual, projector), as a resume would."""
-    from peft import PeftModel
+    at the last step (checkpoint-4: the GuardSpace factors) + the artifact (residual, projector), as a resume would;
+    checkpoint-4 and output_dir both load as that model through vanilla PEFT and through load_guardspace."""
+    from peft import LoraConfig, PeftModel, get_peft_model
     from safetensors.torch import load_file as load_st
     from transformers import AutoModelForCausalLM
 
@@ -417,36 +525,50 @@ def test_guardspace_output_dir_reloads_the_trained_model(workspace, guardspace_r
         GuardSpaceConfig,
         guardspace_layers,
         load_guardspace,
+        restore_guardspace_factors,
     )
 
     run = guardspace_run
+    yaml = example(GUARDSPACE_YAML)
 
     def base():
         return AutoModelForCausalLM.from_pretrained(workspace / "tiny-model", dtype=torch.float32)
 
+    def lora(model):  # the YAML's adapter as Axolotl builds it (lora_target_linear: every Linear but the LM head)
+        return get_peft_model(model, LoraConfig(r=yaml["lora_r"], lora_alpha=yaml["lora_alpha"], lora_dropout=0.0,
+                                                target_modules="all-linear"))
+
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     reloaded = _logits(load_guardspace(base(), run.out), ids)
-    # 1) the trained model, rebuilt from the trainer's own final save and the artifact
+    # 1) the trained model, rebuilt from the trainer's own final save and the artifact, the way a resume rebuilds it:
+    # a fresh rank-r LoRA, GuardSpace surgery from the artifact, then the checkpoint's trained factors
     ckpt = run.out / "checkpoint-4"
-    trained = PeftModel.from_pretrained(base(), ckpt, is_trainable=True)
-    saved = load_st(str(ckpt / "adapter_model.safetensors"))
-    gs_cfg = GuardSpaceConfig(**example(GUARDSPACE_YAML)["safeguard"]["guardspace"])
+    trained = lora(base())
+    gs_cfg = GuardSpaceConfig(**yaml["safeguard"]["guardspace"])
     GuardSpace(gs_cfg, Artifact.load(run.dir / "safeguard-artifacts/tiny-model-guardspace")).modify_model(trained)
-    with torch.no_grad():  # surgery re-initialised A, B: put the trained factors back
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(saved[name.replace(".default", "")])
+    assert restore_guardspace_factors(trained, ckpt)  # surgery re-initialised A, B: put the trained factors back
     assert (reloaded - _logits(trained, ids)).abs().max() < 1e-5
     # 2) the saved trainable factors are the trainer's own (checkpoint-4 = the final step)
     gs_saved = load_st(str(run.out / "guardspace.safetensors"))
     for key, layer in guardspace_layers(trained).items():
         for f in ("lora_A", "lora_B"):
             assert torch.equal(gs_saved[f"{key}.{f}"], getattr(layer, f)["default"].weight.detach())
-    # 3) the adapter in output_dir is the exported one (projector folded in): vanilla PEFT gives the same model
+    # 3) output_dir and checkpoint-4 hold the exported adapter (projector folded in): vanilla PEFT gives the same
+    # model, and so does load_guardspace
     assert (_logits(PeftModel.from_pretrained(base(), run.out), ids) - reloaded).abs().max() < 1e-4
-    assert (_logits(load_guardspace(base(), ckpt / "guardspace"), ids) - reloaded).abs().max() < 1e-5
-    # 4) ... while the plain LoRA save Axolotl would have left there (no projector, no residual) is another model
-    assert (_logits(PeftModel.from_pretrained(base(), ckpt), ids) - reloaded).abs().max() > 1e-3
+    assert (_logits(PeftModel.from_pretrained(base(), ckpt), ids) - reloaded).abs().max() < 1e-4
+    assert (_logits(load_guardspace(base(), ckpt), ids) - reloaded).abs().max() < 1e-5
+    # 4) ... while the plain LoRA save the trainer would have written (the same factors, no projector, no residual)
+    # is another model
+    plain = lora(base())
+    factors = dict(trained.named_parameters())
+    with torch.no_grad():
+        names = [name for name, _ in plain.named_parameters() if "lora_" in name]
+        assert names and all(name in factors for name in names)
+        for name, p in plain.named_parameters():
+            if "lora_" in name:
+                p.copy_(factors[name])
+    assert (_logits(plain, ids) - reloaded).abs().max() > 1e-3
     assert (_logits(base(), ids) - reloaded).abs().max() > 1e-4  # and training moved the model
 
 
@@ -645,12 +767,14 @@ def test_post_train_is_idempotent(tmp_path):
         artifact, constraints, stop_reason = None, [], None
         optimizer_steps_seen, n_rows, n_rows_found, nan_skipped = 3, 4, 4, 0
         detached = 0
+        model = "trained model"
 
         def banner(self):
             return "safeguard active: test"
 
         def detach(self):
             self.detached += 1
+            self.model = None
 
     engine = Engine()
     trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"loss": 1.0, "safeguard/penalty": 0.5, "step": 1},
@@ -658,14 +782,16 @@ def test_post_train_is_idempotent(tmp_path):
                               is_world_process_zero=lambda: True)
     plugin = SafeguardPlugin()
     saves = []
-    plugin.callback = SimpleNamespace(engine=engine, trainer=trainer, save_adapters=lambda d: saves.append(d) or [])
+    plugin.callback = SimpleNamespace(engine=engine, trainer=trainer,
+                                      save_adapters=lambda d: saves.append((d, engine.model)) or [])
     cfg = DictDefault({"output_dir": str(tmp_path)})
     plugin.post_train(cfg, model=None)
     first = (tmp_path / RUN_FILE).read_text()
     (tmp_path / RUN_FILE).unlink()
     plugin.post_train(cfg, model=None)
     assert engine.detached == 1 and not (tmp_path / RUN_FILE).exists()
-    assert saves == [str(tmp_path)] * 2  # adapters: both calls (the second follows Axolotl's own save)
+    # adapters: both calls, with the trained model (the second follows Axolotl's own save and the engine's detach)
+    assert saves == [(str(tmp_path), "trained model")] * 2 and engine.model is None
     assert json.loads(first)["log_history"] == [{"loss": 1.0, "safeguard/penalty": 0.5, "step": 1}]
     SafeguardPlugin().post_train(cfg, model=None)  # never attached (no block): a no-op
 
@@ -831,9 +957,11 @@ def test_calibration_failure_on_rank0_reaches_every_rank(tmp_path, env):
     (tmp_path / "art").mkdir()
     (tmp_path / "art/notes.txt").write_text("not an artifact")
     res = torchrun_calibrate(tmp_path, env, "bad")
-    assert res[0]["steps"][0][1].startswith("FileExistsError: safeguard.artifact: art exists but holds no manifest")
+    assert res[0]["steps"][0][1].startswith("ArtifactError: refusing to write the artifact to "), res
+    assert "is not a safeguard artifact" in res[0]["steps"][0][1] and "notes.txt" in res[0]["steps"][0][1]
+    assert (tmp_path / "art/notes.txt").read_text() == "not an artifact"  # the user's file is still there
     assert res[1]["steps"][0][1].startswith("RuntimeError: safeguard: calibrating art failed on rank 0: "
-                                            "FileExistsError"), res
+                                            "ArtifactError"), res
 
 
 def test_fp16_and_cpu_multiprocess_deepspeed_are_refused(monkeypatch):

@@ -37,12 +37,13 @@ def calibrate_from_axolotl_config(config: str | os.PathLike, **overrides) -> Pat
     if not sg.artifact:
         raise ConfigError(f"{config}: safeguard.artifact is not set; give the folder to write the artifact to")
     path = Path(sg.artifact)
-    if _artifact_ready(path):
-        LOG.info("safeguard: artifact %s already exists (delete it to recalibrate)", path)
+    if _artifact_ready(path, sg):
+        LOG.info("safeguard: artifact %s already holds what this block needs (`safeguard calibrate --recompute` "
+                 "redoes it)", path)
         return path
     tokenizer = load_tokenizer(cfg)
     # the plugin's post_model_load hook calibrates the loaded model (adapters disabled) as in a training run
     model, _ = ModelLoader(cfg, tokenizer).load()
-    if not _artifact_ready(path):  # defensive: the hook did not run (plugin registered under another name?)
+    if not _artifact_ready(path, sg):  # defensive: the hook did not run (plugin registered under another name?)
         ensure_artifact(cfg, sg, model, tokenizer)
     return path

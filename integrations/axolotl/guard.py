@@ -26,6 +26,8 @@ class comes first in a process, possibly in the middle of another package's impo
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,6 +77,55 @@ def check_config(cls: Any, data: Any) -> None:
     raise SafeguardNotActiveError(msg)
 
 
+# ------------------------------------------------------------------------------------ telemetry when offline
+# Axolotl 0.19's telemetry (axolotl/telemetry/manager.py) is on unless AXOLOTL_DO_NOT_TRACK or DO_NOT_TRACK is "1" or
+# "true". It reads them once, when the TelemetryManager singleton is created: at the import of axolotl.cli.config
+# (module level), which `load_cfg` then uses to queue a "config-loaded" event *before* it registers the plugins. Its
+# PostHog sender cannot reach the network offline and keeps retrying, so the process never exits (after "Model
+# successfully saved", or after an error). The plugin's own hooks all come too late; this module is imported by
+# pydantic when the first model class of the process is built, and Axolotl's config class is built while
+# axolotl.cli.config imports axolotl.utils.config -- before the singleton. So the switch lives here.
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+TRACK_VARS = ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK")
+TELEMETRY_OFF_LINE = ("  telemetry: Axolotl's telemetry switched off (AXOLOTL_DO_NOT_TRACK=1 set by safeguard-plugin "
+                      "because {var}=1: offline its sender retries forever and the run would never exit)")
+TELEMETRY_ON_WARNING = (
+    "  WARNING: {var}=1 (offline) but Axolotl's telemetry is on ({setting}): offline its sender retries forever, so "
+    "this process will hang after 'Model successfully saved' (or after an error). Set AXOLOTL_DO_NOT_TRACK=1.")
+telemetry_note: str | None = None  # what offline_telemetry_off found in this process (the plugin's banner shows it)
+
+
+def _env_true(name: str, values: tuple[str, ...] = ("1", "true", "yes", "on")) -> bool:
+    value = os.environ.get(name)
+    return value is not None and value.strip().lower() in values
+
+
+def offline_telemetry_off() -> str | None:
+    """Hub offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``) and no telemetry choice in the environment: set
+    ``AXOLOTL_DO_NOT_TRACK=1`` (and switch off a TelemetryManager created before). Offline with telemetry explicitly
+    on: leave it, and return the warning. Returns the banner line (None: online, nothing to do). Idempotent."""
+    global telemetry_note
+    offline = next((v for v in OFFLINE_VARS if _env_true(v)), None)
+    if offline is None:
+        return None
+    if telemetry_note is not None:
+        return telemetry_note
+    set_by_user = [v for v in TRACK_VARS if os.environ.get(v) is not None]
+    if set_by_user:
+        if any(_env_true(v, ("1", "true")) for v in TRACK_VARS):  # Axolotl's own test: off, nothing to say
+            return None
+        telemetry_note = TELEMETRY_ON_WARNING.format(
+            var=offline, setting=", ".join(f"{v}={os.environ[v]}" for v in set_by_user))
+        return telemetry_note
+    os.environ["AXOLOTL_DO_NOT_TRACK"] = "1"  # child processes (accelerate launch, torchrun) inherit it
+    manager = getattr(sys.modules.get("axolotl.telemetry.manager"), "TelemetryManager", None)
+    instance = getattr(manager, "_instance", None)
+    if instance is not None and getattr(instance, "enabled", False):
+        instance.enabled = False  # created before this ran; send_event and shutdown check this attribute
+    telemetry_note = TELEMETRY_OFF_LINE.format(var=offline)
+    return telemetry_note
+
+
 class _ValidateHandler:
     """pydantic ``on_validate_python`` handler for one Axolotl config class."""
 
@@ -90,6 +141,7 @@ class SafeguardAxolotlGuard:
 
     def new_schema_validator(self, schema, schema_type, schema_type_path, schema_kind, config, plugin_settings):
         if schema_kind in ("BaseModel", "create_model") and is_axolotl_config_class(schema_type):
+            offline_telemetry_off()  # Axolotl's config class is built before its telemetry starts (see above)
             return _ValidateHandler(schema_type), None, None
         return None, None, None
 

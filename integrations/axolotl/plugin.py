@@ -13,18 +13,24 @@ Nothing of Axolotl's trainer is replaced (no ``get_trainer_cls``): the callback 
 * ``pre_model_load``    -- before the model is built: refuse 4/8-bit loading without CUDA (bitsandbytes), fp16
   mixed precision (its loss scaling does not reach the injected penalty gradient), and
   fused LoRA kernels that are still on with GuardSpace.
-* ``pre_lora_load``     -- seed the RNG so LoRA initialisation is reproducible (Axolotl does not); with GuardSpace,
-  calibrate a missing artifact here (it needs the base model's Linear layers, before LoRA wraps them).
+* ``pre_lora_load``     -- seed torch's RNG with the YAML's ``seed:`` (default 42) for the LoRA initialisation that
+  follows (Axolotl 0.19 does not, and torch 2.13 starts every process from a random seed: see ``LORA_SEED_LINE``,
+  shown in the banner), with or without a ``safeguard:`` block; with GuardSpace or CWAC, calibrate a missing artifact
+  here (they need the base model's Linear layers, before LoRA wraps them), on a forked RNG.
 * ``post_model_load``   -- model fully set up: if the artifact folder is missing, calibrate it there from the
   original weights (adapters disabled); under several processes once, on rank 0 (see ``ensure_artifact``). Not earlier: between ``post_model_build`` and LoRA loading Axolotl's
   attention may already be patched for its fused LoRA kernels and cannot run a forward.
 * ``add_callbacks_post_trainer`` -- bind the callback to the trainer's final (PEFT-wrapped) model; it then
   precomputes reference values at train begin through Axolotl's dataloader/collator, scales the injected
   gradient by ``1/gradient_accumulation_steps``, runs after-step work in ``on_step_end``, adds its metrics to
-  the trainer's normal step logs (``trainer.log``) and writes ``checkpoint-N/guardspace/`` with every checkpoint.
-* ``post_train`` (Axolotl calls it twice: before and after its own model save) -- GuardSpace adapters are written
-  into ``output_dir`` on both calls (same files; the second call replaces the adapter Axolotl saved, which lacks
-  the projector); once: detach hooks, write ``safeguard_run.json`` to ``output_dir``.
+  the trainer's normal step logs (``trainer.log``); the trainer's own saves (every ``checkpoint-N``) write what a
+  constraint that owns the model save (GuardSpace) adds: a standard PEFT adapter with the projector folded in.
+* ``post_train`` (Axolotl calls it twice: before and after its own model save) -- with a constraint that owns the
+  model save (GuardSpace), the trained model is written into ``output_dir`` on both calls, in the layout of every
+  ``checkpoint-N``: ``adapter_config.json`` + ``adapter_model.safetensors`` (standard PEFT, rank 2r, projector folded
+  in) and ``guardspace.json`` + ``guardspace.safetensors``, directly in the folder (same files both times; the second
+  call replaces the rank-r adapter Axolotl's own ``model.save_pretrained`` wrote, which lacks the projector and the
+  residual); once: detach hooks, write ``safeguard_run.json`` to ``output_dir``.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from .args import (
     uses_guardspace,
     validate_block,
 )
-from .guard import ENTRY_POINT_NAME, PLUGIN_PATH, guard_installed
+from .guard import ENTRY_POINT_NAME, PLUGIN_PATH, guard_installed, offline_telemetry_off
 
 LOG = logging.getLogger("axolotl.integrations.safeguard")
 
@@ -75,8 +81,18 @@ def safeguard_block(cfg: Any) -> SafeguardConfig | None:
     return None if block is None else validate_block(plain(block))
 
 
-def _artifact_ready(path: Path) -> bool:
-    return (path / "manifest.json").is_file()
+def _artifact_ready(path: Path, sg: SafeguardConfig | None = None) -> bool:
+    """An artifact is there and was calibrated for every constraint the block enables (else the missing ones are
+    added to it at start-up, reusing what it holds)."""
+    if not (path / "manifest.json").is_file():
+        return False
+    if sg is None:
+        return True
+    try:
+        done = json.loads((path / "manifest.json").read_text()).get("calibrated_for") or []
+    except (OSError, ValueError, AttributeError):
+        return True  # let Artifact.load report what is wrong with it
+    return set(sg.constraint_configs()) <= set(done)
 
 
 ZERO3_MESSAGE = (
@@ -93,17 +109,48 @@ def _calibrates_base_layers(sg: SafeguardConfig) -> bool:
     return any(getattr(registry.get(n), "calibrates_base_layers", False) for n in sg.constraint_configs())
 
 
+@contextlib.contextmanager
+def user_rng_untouched():
+    """Run calibration without moving the run's random state (torch CPU and CUDA, Python, NumPy): in
+    ``pre_lora_load`` the LoRA initialisation draws from it next, and a run that calibrates its artifact must start
+    from the adapter a run that finds it (or has no `safeguard:` block) starts from."""
+    import random
+    import sys
+
+    np = sys.modules.get("numpy")
+    py_state, np_state = random.getstate(), np.random.get_state() if np is not None else None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            np.random.set_state(np_state)
+
+
+LORA_SEED_LINE = (
+    "  LoRA init: torch seeded with {seed} ({source}) just before Axolotl creates the adapters, with or without "
+    "a `safeguard:` block. Axolotl 0.19 seeds only at trainer set-up, after them, and torch starts each process from "
+    "a random seed: without the plugin two runs of one YAML start from different adapters. To compare with and "
+    "without constraints, keep the plugin and remove the `safeguard:` block.")
+
+
+def lora_seed(cfg: Any) -> int:
+    return int(cfg.get("seed")) if cfg.get("seed") is not None else 42  # the Trainer's default seed
+
+
 def _calibrate(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, tokenizer, path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"safeguard.artifact: {path} exists but holds no manifest.json (not an artifact); "
-                              "point `artifact:` at an empty or missing folder to calibrate into it")
+    from safeguard_plugin.artifacts import artifact_entries, check_target
+
+    check_target(path.resolve(), artifact_entries, "artifact")  # an artifact (extended) or an empty/missing folder
     from safeguard_plugin.calibration import calibrate
     from safeguard_plugin.data import load_prompts
 
     LOG.info("safeguard: artifact %s not found; calibrating %s on the shipped harmful/harmless prompt sets "
              "(cached there for later runs)%s", path, cfg.get("base_model"),
              f"; rank 0 of {world_size()} computes it, the other ranks wait" if is_distributed() else "")
-    with model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
+    with user_rng_untouched(), model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
         # only what this block uses (e.g. GuardSpace needs the base model before LoRA and is heavy)
         art = calibrate(model, tokenizer, load_prompts("harmful"), load_prompts("harmless"), path,
                         model_id=str(cfg.get("base_model")), constraints=list(sg.constraint_configs()),
@@ -125,7 +172,7 @@ def ensure_artifact(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, token
         return None
     path = Path(sg.artifact)
     multi = is_distributed()
-    ready = _artifact_ready(path)
+    ready = _artifact_ready(path, sg)
     if multi:
         ready = bool(broadcast_object(ready))  # rank 0's view decides, the same on every rank
     if ready:
@@ -180,6 +227,13 @@ def switch_off_fused_kernels(cfg: Any) -> str:
         cfg[k] = False
     return (f"  guardspace: fused LoRA kernels {', '.join(FUSED_LORA_KERNELS)} off"
             + (f" (switched off by the plugin: {', '.join(unset)})" if unset else ""))
+
+
+AXOLOTL_DATA_FORMAT_HINT = (
+    "In the Axolotl YAML, render the examples with the chat template the artifact was calibrated with: give each "
+    "dataset `type: chat_template` (with `field_messages:` naming its conversation column), not a `completion` / "
+    "`alpaca`-style type, and set `chat_template: tokenizer_default` (or the template used at calibration); or point "
+    "`safeguard.artifact:` to a new folder so the plugin calibrates it with this run's tokenizer at start-up.")
 
 
 REENTRANT_MESSAGE = (
@@ -256,6 +310,20 @@ def _zero_stage(trainer: Any) -> int | None:
     return getattr(plugin, "zero_stage", None)
 
 
+@contextlib.contextmanager
+def _model_bound(engine: Any, model: torch.nn.Module | None):
+    """``engine.model`` is ``model`` while the block runs, when the engine was detached since (post_train's second
+    call, after Axolotl's own save: ``SafeguardCallback.save_adapters`` writes nothing for a detached engine)."""
+    if model is None or getattr(engine, "model", None) is not None:
+        yield
+        return
+    engine.model = model  # read by save_adapters only: the hooks stay removed
+    try:
+        yield
+    finally:
+        engine.model = None
+
+
 def _deepspeed_note(trainer: Any) -> str:
     stage = _zero_stage(trainer)
     if stage is None:
@@ -281,6 +349,7 @@ class SafeguardPlugin(BasePlugin):
         self.callback: SafeguardCallback | None = None
         self._finished = False
         self._adapter_dirs: list[str] = []
+        self._trained_model: torch.nn.Module | None = None  # the engine's model, kept for post_train's second save
 
     # ------------------------------------------------------------------------------------- config
     def get_input_args(self) -> str:
@@ -303,6 +372,13 @@ class SafeguardPlugin(BasePlugin):
             lines.append(non_reentrant_checkpointing(cfg))
         if (line := open_cpu_process_group(cfg)) is not None:
             lines.append(line)
+        if cfg is not None and cfg.get("adapter"):
+            lines.append(LORA_SEED_LINE.format(seed=lora_seed(cfg), source="the YAML's `seed:`" if cfg.get("seed")
+                                               is not None else "`seed:` unset: the Trainer's default"))
+        if (line := offline_telemetry_off()) is not None:  # normally done by the guard already (see guard.py)
+            lines.append(line)
+            if "WARNING" in line:
+                LOG.warning(line.strip())
         if guard_installed() is False:
             lines.append(f"  WARNING: the pydantic entry point '{ENTRY_POINT_NAME}' is not installed (or disabled by "
                          "PYDANTIC_DISABLE_PLUGINS): a `safeguard:` block in a run where this plugin fails to load "
@@ -335,9 +411,11 @@ class SafeguardPlugin(BasePlugin):
             raise ValueError(REENTRANT_MESSAGE)
 
     def pre_lora_load(self, cfg, model):
-        # Axolotl does not seed adapter initialisation; without this two identical LoRA runs differ.
-        seed = int(cfg.get("seed")) if cfg.get("seed") is not None else 42
-        torch.manual_seed(seed)
+        # LoRA initialisation draws from torch's RNG right after this hook, and Axolotl 0.19 seeds nothing before it
+        # (see LORA_SEED_LINE): seed it from the YAML's `seed:`, with or without a `safeguard:` block, and logged in
+        # the banner. Calibration below runs on a forked RNG, so a run that calibrates starts from the same adapter
+        # as one that finds the artifact.
+        torch.manual_seed(lora_seed(cfg))
         sg = safeguard_block(cfg)
         if sg is not None and _calibrates_base_layers(sg):
             # GuardSpace and CWAC calibrate on the base model's own Linear layers, before Axolotl wraps them in LoRA;
@@ -358,7 +436,7 @@ class SafeguardPlugin(BasePlugin):
             return []  # already attached to this trainer
         callback = SafeguardCallback(sg)
         callback.log = LOG  # Axolotl shows INFO only for `axolotl.*` loggers
-        callback.save_adapters_at_train_end = False  # post_train writes them into output_dir itself
+        callback.engine.data_format_hint = AXOLOTL_DATA_FORMAT_HINT  # what to change in the YAML, not a TRL script
         # bind now, not at train begin: artifact/model mismatches fail before any step, and the engine hooks the
         # very model object the trainer will call (PEFT-wrapped under LoRA)
         callback._bind(trainer, trainer.model, getattr(trainer, "processing_class", None))
@@ -366,7 +444,7 @@ class SafeguardPlugin(BasePlugin):
         LOG.info("safeguard: attached to %s training %s%s; gradient accumulation %s handled by the engine%s",
                  type(trainer).__name__, type(model).__name__, " (PEFT adapters)" if is_peft_model(model) else "",
                  trainer.args.gradient_accumulation_steps, _deepspeed_note(trainer))
-        self.callback, self._finished = callback, False
+        self.callback, self._finished, self._trained_model = callback, False, None
         return [callback]
 
     def post_train(self, cfg, model):
@@ -375,16 +453,20 @@ class SafeguardPlugin(BasePlugin):
         trainer = self.callback.trainer
         out_dir = cfg.get("output_dir")
         main = is_main_process() and (trainer is None or trainer.is_world_process_zero())
+        engine = self.callback.engine
         if out_dir and main:
-            # both calls: the second comes after Axolotl's own save, whose adapter_model.safetensors lacks
-            # GuardSpace's projector and residual; save_guardspace's export (identical outputs) replaces it
+            # both calls: the second comes after Axolotl's own save (model.save_pretrained, not the trainer's _save),
+            # whose rank-r adapter_model.safetensors lacks GuardSpace's projector and residual; the owner's save (the
+            # checkpoints' layout: exported rank-2r adapter + guardspace files, identical outputs) replaces it. The
+            # first call detached the engine: the second re-binds the trained model for the save.
             if self._finished and self._adapter_dirs:
                 LOG.info("safeguard: writing the GuardSpace adapter over the one Axolotl saved (it lacks the projector)")
-            self._adapter_dirs = self.callback.save_adapters(out_dir) or self._adapter_dirs
+            with _model_bound(engine, self._trained_model):
+                self._adapter_dirs = self.callback.save_adapters(out_dir) or self._adapter_dirs
         if self._finished:
             return
         self._finished = True
-        engine = self.callback.engine
+        self._trained_model = getattr(engine, "model", None)
         wrapped = type(getattr(trainer, "model_wrapped", None)).__name__ if trainer is not None else None
         history = [dict(h) for h in getattr(getattr(trainer, "state", None), "log_history", [])
                    if any(str(k).startswith("safeguard/") for k in h)]
