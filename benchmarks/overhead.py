@@ -50,8 +50,8 @@ def _load(spec):
 
 
 def _rows(n: int, answer_words: int):
+    from safeguard_plugin.bench.recipes import prompt_completion
     from safeguard_plugin.data import load_prompts
-    from safeguard_plugin.recipes import prompt_completion
 
     prompts = load_prompts("harmless").all
     filler = " ".join(["The answer is explained step by step here."] * (answer_words // 8 + 1)).split()[:answer_words]
@@ -61,7 +61,7 @@ def _rows(n: int, answer_words: int):
 def child(args) -> dict:
     import torch
 
-    from safeguard_plugin.recipes import sft
+    from safeguard_plugin.bench.recipes import sft
 
     torch.manual_seed(0)
     model, tok = _load(args.model)

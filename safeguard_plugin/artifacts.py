@@ -25,14 +25,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import ArtifactError  # re-exported: safeguard_plugin.artifacts.ArtifactError
+
 logger = logging.getLogger("safeguard_plugin")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class ArtifactError(RuntimeError):
-    """An artifact that is missing, malformed, or made for another model."""
 
 
 RECALIBRATE = "re-run `safeguard calibrate` to write a new artifact"

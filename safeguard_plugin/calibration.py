@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import Artifact, sha256_text
 from .data import PromptSet
+from .errors import ConfigError
 from .modeling import (
     capture_layers,
     find_decoder_layers,
@@ -60,7 +61,7 @@ def post_instruction_activations(ctx: CalibrationContext, prompts: list[str], de
     seqs = tokenize_prompts(tok, prompts)
     for s in seqs:
         if s[-P:] != suffix:
-            raise ValueError("a rendered prompt does not end with the post-instruction tokens; chat template issue")
+            raise ConfigError("a rendered prompt does not end with the post-instruction tokens; chat template issue")
     device = next(model.parameters()).device
     out = []
     was_training = model.training
@@ -156,7 +157,7 @@ def resolve_targets(constraints: list[str] | str | None) -> list[str]:
     names = [constraints] if isinstance(constraints, str) else list(constraints or ["procon"])
     unknown = [n for n in names if n not in registry]
     if unknown:
-        raise KeyError(f"unknown constraint '{unknown[0]}'; registered: {', '.join(registry)}")
+        raise ConfigError(f"unknown constraint '{unknown[0]}'; registered: {', '.join(registry)}")
     return list(dict.fromkeys(names))
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError, SafeguardError
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,7 +33,7 @@ def cmd_calibrate(args) -> int:
         print(calibrate_from_axolotl_config(args.axolotl_config))
         return 0
     if not args.model or not args.out:
-        raise ValueError("calibrate needs --model and --out (or --axolotl-config x.yaml)")
+        raise ConfigError("calibrate needs --model and --out (or --axolotl-config x.yaml)")
 
     from .artifacts import artifact_entries, check_target, recover_folder
     from .calibration import resolve_targets
@@ -97,7 +99,7 @@ def cmd_eval(args) -> int:
         ps = load_prompts(spec, need_split=False)
         sets[name], splits[name] = {"heldout": ps.heldout, "train": ps.train, "all": ps.all}[split][: args.limit], split
         if not sets[name]:
-            raise ValueError(f"--prompts {spec}: no prompts in its '{split}' split ({len(ps.all)} prompts in all); "
+            raise ConfigError(f"--prompts {spec}: no prompts in its '{split}' split ({len(ps.all)} prompts in all); "
                              "use --split all")
     model, tok, _ = _load(args)
     res = evaluate_refusal(model, tok, sets, args.max_new_tokens, args.batch_size)
@@ -110,7 +112,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .bench.demo import run_demo
 
     run_demo(args.model, args.out)
     return 0
@@ -125,7 +127,7 @@ def cmd_example_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import Bench
+    from .bench.runner import Bench
 
     ratios = tuple(float(x) for x in args.ratios.split(",")) if args.ratios else None
     methods = args.methods.split(",") if args.methods else None
@@ -225,14 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        from .artifacts import ArtifactError
-        from .config import ConfigError
-
-        if isinstance(err, (ArtifactError, ConfigError)) or not isinstance(err, RuntimeError):
-            print(f"safeguard {args.cmd}: error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except (SafeguardError, ValueError, FileNotFoundError) as err:  # ours, and bad input caught by libraries
+        print(f"safeguard {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,11 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .errors import ConfigError  # re-exported: safeguard_plugin.config.ConfigError
 from .registry import available_constraints, broken_constraints
-
-
-class ConfigError(ValueError):
-    """A safeguard configuration that cannot be used; the message names the key."""
 
 
 def python_form(value: Any) -> Any:

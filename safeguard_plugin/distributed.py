@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = [
     "all_reduce_sum", "barrier", "broadcast_object", "gathered", "get_full_param", "is_distributed",
     "is_main_process", "is_zero3", "main_process_first", "param_shape", "rank", "set_full_param", "sync_folder",
@@ -214,7 +216,7 @@ def set_full_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     editing only the module copy would be undone by the next step. Collective under DeepSpeed."""
     shape = param_shape(param)
     if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"set_full_param: value has shape {tuple(value.shape)}, the parameter {tuple(shape)}")
+        raise ConfigError(f"set_full_param: value has shape {tuple(value.shape)}, the parameter {tuple(shape)}")
     with torch.no_grad():
         if _has_master(param):
             from deepspeed.utils import safe_set_full_fp32_param

@@ -41,6 +41,7 @@ from .distributed import (
     world_size,
     zero3_active,
 )
+from .errors import ConfigError, SafeguardRuntimeError  # SafeguardRuntimeError: re-exported here
 from .modeling import (
     StopForward,
     capture_layers,
@@ -55,10 +56,6 @@ from .modeling import (
 from .registry import get_constraint
 
 logger = logging.getLogger("safeguard_plugin")
-
-
-class SafeguardRuntimeError(RuntimeError):
-    """The constraints cannot act on this run; the message names the fix."""
 
 
 # What to change when no training example holds the artifact's post-instruction tokens; integrations set their own
@@ -195,7 +192,7 @@ class SafeguardEngine:
         self.config = load_config(config)
         self.artifact = artifact
         if mode not in ("inject", "collect"):
-            raise ValueError("mode must be 'inject' or 'collect'")
+            raise ConfigError("mode must be 'inject' or 'collect'")
         self.mode = mode
         self.constraints: list[Constraint] = []
         self.model: nn.Module | None = None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import DataError
 from .modeling import render_prompt
 
 REFUSAL_MARKERS = (
@@ -149,19 +150,19 @@ def check_report_dir(out: str | Path, flag: str = "out") -> Path:
     out = Path(out)
     fix = f"pass a folder (new, or an existing one; {' and '.join(REPORT_FILES)} are written inside it)"
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{flag} {out} is an existing file, not a folder: {fix}, or move the file away")
+        raise DataError(f"{flag} {out} is an existing file, not a folder: {fix}, or move the file away")
     for name in REPORT_FILES:
         if (out / name).is_dir():
-            raise ValueError(f"{flag} {out}: {out / name} is a folder and cannot be replaced by the report; {fix}")
+            raise DataError(f"{flag} {out}: {out / name} is a folder and cannot be replaced by the report; {fix}")
     parent = out
     while not parent.exists():
         if parent.parent == parent:
             break
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        raise ValueError(f"{flag} {out}: {parent} is a file, so the folder cannot be created; {fix}")
+        raise DataError(f"{flag} {out}: {parent} is a file, so the folder cannot be created; {fix}")
     if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {out}: {parent} is not writable; {fix} where you can write")
+        raise DataError(f"{flag} {out}: {parent} is not writable; {fix} where you can write")
     return out
 
 

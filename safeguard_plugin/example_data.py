@@ -3,7 +3,7 @@
 * ``tiny-model/``: the random 4-layer Qwen2 with the ChatML byte-level tokenizer of :mod:`safeguard_plugin.testing`
   (built here, nothing downloaded), saved with ``save_pretrained``; the same model the tests train.
 * ``data.jsonl``: benign chat data, one ``{"messages": [user, assistant]}`` per line: the shipped arithmetic word
-  problems (:func:`safeguard_plugin.benchdata.arithmetic_task`, train split) with their worked answers.
+  problems (:func:`safeguard_plugin.bench.datasets.arithmetic_task`, train split) with their worked answers.
 
 Only these two paths inside ``DIR`` are written; an existing one is refused (``--force`` replaces them, and replaces
 ``tiny-model/`` only when it holds nothing but a model's files).
@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import SafeguardError
+
 MODEL_DIR = "tiny-model"
 DATA_FILE = "data.jsonl"
 N_EXAMPLES = 32
@@ -25,13 +27,13 @@ _MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "t
                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"}
 
 
-class ExampleDataError(ValueError):
+class ExampleDataError(SafeguardError, ValueError):
     """``--out`` already holds something example-data would replace."""
 
 
 def chat_examples(n: int = N_EXAMPLES, seed: int = 0) -> list[dict]:
     """``n`` benign ``{"messages": [...]}`` rows (arithmetic word problems and their worked answers)."""
-    from .benchdata import arithmetic_task
+    from .bench.datasets import arithmetic_task
 
     return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
             for r in arithmetic_task(n, seed=seed, split="train")]

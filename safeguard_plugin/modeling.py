@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import DataError
+
 
 class StopForward(Exception):
     """Raised from a hook to end a forward pass early (only the first layers are needed)."""
@@ -38,7 +40,7 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
                 if best is None or len(name) < len(best[0]):
                     best = (name, mod)
     if best is None:
-        raise ValueError(
+        raise DataError(
             f"could not find the decoder layers of {type(model).__name__} (looked for a ModuleList named "
             "'layers', 'h' or 'blocks' with config.num_hidden_layers entries)"
         )
@@ -124,7 +126,7 @@ def post_instruction_ids(tokenizer) -> list[int]:
         ids = tokenizer(tail[cut:], add_special_tokens=False)["input_ids"]
         if ids and full[-len(ids):] == ids:
             return ids
-    raise ValueError("could not locate the post-instruction tokens of this chat template")
+    raise DataError("could not locate the post-instruction tokens of this chat template")
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -183,18 +185,18 @@ def check_adapter(adapter: str) -> str:
     resolved) or an HF hub id (``owner/name``, returned as given). Anything else is a ``ValueError`` naming the path:
     a wrong path must never fall back to evaluating the base model."""
     if not str(adapter).strip():
-        raise ValueError(f"adapter path is empty; {_ADAPTER_FIX}")
+        raise DataError(f"adapter path is empty; {_ADAPTER_FIX}")
     p = Path(adapter).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise ValueError(f"adapter {adapter} is a file, not an adapter folder; {_ADAPTER_FIX}")
+            raise DataError(f"adapter {adapter} is a file, not an adapter folder; {_ADAPTER_FIX}")
         if not (p / "adapter_config.json").is_file():
-            raise ValueError(f"adapter folder {adapter} has no adapter_config.json, so it is not a PEFT adapter; "
+            raise DataError(f"adapter folder {adapter} has no adapter_config.json, so it is not a PEFT adapter; "
                              f"{_ADAPTER_FIX}")
         return str(p)
     if _HUB_ID.match(str(adapter)) and not str(adapter).startswith((".", "~")):
         return str(adapter)
-    raise ValueError(f"adapter folder {adapter} not found; {_ADAPTER_FIX}")
+    raise DataError(f"adapter folder {adapter} not found; {_ADAPTER_FIX}")
 
 
 def load_adapter(model, adapter: str, model_name: str = "the model"):
@@ -211,14 +213,14 @@ def load_adapter(model, adapter: str, model_name: str = "the model"):
         except Exception as err:  # noqa: BLE001 - re-raised with the adapter's name and the fix
             cause = f"{type(err).__name__}: {str(err)[:500]}"
             if not Path(adapter).expanduser().exists():
-                raise ValueError(f"adapter {adapter} not found: no such local folder, and loading it as an HF hub "
+                raise DataError(f"adapter {adapter} not found: no such local folder, and loading it as an HF hub "
                                  f"adapter failed ({cause}); {_ADAPTER_FIX}") from None
-            raise ValueError(f"cannot load adapter {adapter} on {model_name} ({cause}); check that the adapter was "
+            raise DataError(f"cannot load adapter {adapter} on {model_name} ({cause}); check that the adapter was "
                              f"trained on this base model, or {_ADAPTER_FIX}") from None
     for w in caught:
         msg = str(w.message)
         if "missing adapter keys" in msg:
-            raise ValueError(f"adapter {adapter}: the checkpoint lacks adapter weights that its adapter_config.json "
+            raise DataError(f"adapter {adapter}: the checkpoint lacks adapter weights that its adapter_config.json "
                              f"declares ({msg[msg.index(':') + 1:].strip()[:300]}); the evaluated model would "
                              f"partly be the base model. Re-save the adapter, or {_ADAPTER_FIX}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -242,7 +244,7 @@ def load_model_spec(spec: str, gguf_file: str | None = None, dtype: torch.dtype 
             model = load_adapter(model, adapter, "tiny").eval()
     else:
         if not gguf_file:
-            from .assets import resolve_model
+            from .bench.assets import resolve_model
 
             spec = resolve_model(spec)
         model, tok = load_model_and_tokenizer(spec, gguf_file=gguf_file, dtype=dtype, adapter=adapter)

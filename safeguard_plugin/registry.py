@@ -14,6 +14,8 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError, SafeguardRuntimeError
+
 if TYPE_CHECKING:
     from .constraints.base import Constraint
 
@@ -88,7 +90,7 @@ class EntryPointRegistry:
         except KeyError:
             if name in self._broken:
                 raise ImportError(f"{self.kind} '{name}' is installed but failed to import: {self._broken[name]}") from None
-            raise KeyError(f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self._registry)) or 'none'}") from None
+            raise ConfigError(f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self._registry)) or 'none'}") from None
 
 
 def _constraint_base() -> type:
@@ -98,7 +100,7 @@ def _constraint_base() -> type:
 
 
 def _missing_metadata() -> dict[str, Any]:
-    raise RuntimeError(
+    raise SafeguardRuntimeError(
         "safeguard_plugin's built-in constraints are not registered: the package metadata is missing. "
         "Install the package (`pip install -e .` in a checkout, or `pip install safeguard-plugin`)."
     )

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
 from .registry import EntryPointRegistry
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class RiskEstimator:
         self.n_scored = 0
         self.n_fallbacks = 0  # examples whose score came from the fallback policy
         if self.requires and artifact is None:
-            raise ValueError(f"risk estimator '{self.name}' needs a calibration artifact (components: "
+            raise ConfigError(f"risk estimator '{self.name}' needs a calibration artifact (components: "
                              f"{', '.join(self.requires)}); set `artifact:` to the folder from `safeguard calibrate`")
         for comp in self.requires:
             artifact.component(comp)
@@ -313,10 +314,10 @@ class LLMJudge(RiskEstimator):
     def __init__(self, config, artifact=None, model=None, tokenizer=None):
         super().__init__(config, artifact)
         if model is None and not config.model:
-            raise ValueError("risk estimator 'judge' needs risk_options.model (a local chat model id or folder, or "
+            raise ConfigError("risk estimator 'judge' needs risk_options.model (a local chat model id or folder, or "
                              "'reference' for the model being fine-tuned with its original weights)")
         if isinstance(config.fallback, float) and not RISK_MIN <= config.fallback <= RISK_MAX:
-            raise ValueError(f"judge fallback must be in [1, 5], got {config.fallback}")
+            raise ConfigError(f"judge fallback must be in [1, 5], got {config.fallback}")
         self._model, self._tok = model, tokenizer
         self.uses_training_model = model is None and config.model == SELF_JUDGE
         self.needs_reference = self.uses_training_model  # reads the original weights of the model being trained
@@ -327,7 +328,7 @@ class LLMJudge(RiskEstimator):
     def _load(self, ctx: RiskContext):
         if self.uses_training_model:
             if ctx.model is None or ctx.tokenizer is None:
-                raise ValueError("judge model 'reference' rates examples with the model being fine-tuned: it needs "
+                raise ConfigError("judge model 'reference' rates examples with the model being fine-tuned: it needs "
                                  "that model and its tokenizer (pass the tokenizer to the trainer)")
             return ctx.model, ctx.tokenizer
         if self._model is None:
@@ -391,7 +392,7 @@ class LLMJudge(RiskEstimator):
                     "(mean score %.2f harmful, %.2f harmless; %d unparseable)", len(harmful), len(harmless),
                     auc, mean_h, mean_s, sum(v is None for v in scores))
         if not auc >= self.config.min_auroc:  # (NaN fails too)
-            raise ValueError(
+            raise ConfigError(
                 f"adaptive_kl: the risk judge ({self.config.model}) does not tell harmful from harmless requests: AUROC "
                 f"{auc:.2f} < risk_options.min_auroc={self.config.min_auroc} on {len(exs)} held-out "
                 f"labelled requests (mean score harmful {mean_h:.2f}, harmless {mean_s:.2f}; replies "
@@ -598,7 +599,7 @@ class ActivationProbe(RiskEstimator):
     def validate_model(self, model: nn.Module) -> None:
         d = model.get_input_embeddings().weight.shape[-1]
         if self.meta["hidden_size"] != d:
-            raise ValueError(f"risk probe: artifact features have dimension {self.meta['hidden_size']}, the model's "
+            raise ConfigError(f"risk probe: artifact features have dimension {self.meta['hidden_size']}, the model's "
                              f"hidden size is {d}; re-run `safeguard calibrate` on this model")
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .errors import DataError
+
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
@@ -42,9 +44,9 @@ class SparseAutoencoder(nn.Module):
                  apply_b_dec_to_input: bool = True, metadata: dict[str, Any] | None = None):
         super().__init__()
         if architecture not in ARCHITECTURES:
-            raise ValueError(f"SAE architecture '{architecture}' is not supported (supported: {', '.join(ARCHITECTURES)})")
+            raise DataError(f"SAE architecture '{architecture}' is not supported (supported: {', '.join(ARCHITECTURES)})")
         if architecture == "topk" and not k:
-            raise ValueError("a topk SAE needs k")
+            raise DataError("a topk SAE needs k")
         self.d_in, self.d_sae, self.architecture = int(d_in), int(d_sae), architecture
         self.k = int(k) if architecture == "topk" else None
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
@@ -119,26 +121,26 @@ class SparseAutoencoder(nn.Module):
         try:
             cfg = json.loads(cfg_bytes)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: {CFG_FILE} is not valid JSON ({err})") from None
+            raise DataError(f"{where}: {CFG_FILE} is not valid JSON ({err})") from None
         arch = cfg.get("architecture", "standard")
         if arch not in ARCHITECTURES:
-            raise ValueError(f"{where}: architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})")
+            raise DataError(f"{where}: architecture '{arch}' is not supported (supported: {', '.join(ARCHITECTURES)})")
         norm = cfg.get("normalize_activations", "none")
         if norm not in ("none", None):
-            raise ValueError(f"{where}: normalize_activations='{norm}' is not supported; use an SAE with 'none' "
+            raise DataError(f"{where}: normalize_activations='{norm}' is not supported; use an SAE with 'none' "
                              "(or fold the normalisation into the weights)")
         if cfg.get("reshape_activations", "none") not in ("none", None):
-            raise ValueError(f"{where}: only residual-stream SAEs are supported (reshape_activations must be 'none')")
+            raise DataError(f"{where}: only residual-stream SAEs are supported (reshape_activations must be 'none')")
         k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
         sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), arch, k=k,
                   apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), metadata=cfg.get("metadata") or {})
         sd = st_load(weight_bytes)
         missing = [n for n in sae.state_dict() if n not in sd]
         if missing:
-            raise ValueError(f"{where}: {WEIGHTS_FILE} lacks {', '.join(missing)}")
+            raise DataError(f"{where}: {WEIGHTS_FILE} lacks {', '.join(missing)}")
         for n, t in sae.state_dict().items():
             if tuple(sd[n].shape) != tuple(t.shape):
-                raise ValueError(f"{where}: {n} has shape {tuple(sd[n].shape)}, cfg.json implies {tuple(t.shape)}")
+                raise DataError(f"{where}: {n} has shape {tuple(sd[n].shape)}, cfg.json implies {tuple(t.shape)}")
         sae.load_state_dict({n: sd[n].float() for n in sae.state_dict()})
         return sae
 
@@ -184,7 +186,7 @@ def train_sae(acts: torch.Tensor, d_sae: int, k: int = 32, steps: int = 400, bat
     n_ho = int(acts.shape[0] * heldout_frac) if acts.shape[0] >= 20 else 0
     ho, tr = acts[perm[:n_ho]], acts[perm[n_ho:]]
     if tr.shape[0] == 0:
-        raise ValueError("train_sae: no activations to train on")
+        raise DataError("train_sae: no activations to train on")
     d = acts.shape[1]
     k = min(k, d_sae)
     sae = SparseAutoencoder(d, d_sae, "topk", k=k, metadata=metadata)

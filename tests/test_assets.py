@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from safeguard_plugin import assets
-from safeguard_plugin.assets import ASSETS, AssetError, ModelAsset, PackagePart
+from safeguard_plugin.bench import assets
+from safeguard_plugin.bench.assets import ASSETS, AssetError, ModelAsset, PackagePart
 
 CHUNKS = [b"alpha-" * 1000, b"beta-" * 700, b"gamma"]
 BLOB = b"".join(CHUNKS)

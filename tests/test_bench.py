@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from safeguard_plugin import bench, benchdata
+from safeguard_plugin.bench import datasets as benchdata
+from safeguard_plugin.bench import runner as bench
 
 
 @pytest.fixture

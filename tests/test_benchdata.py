@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from safeguard_plugin import benchdata
-from safeguard_plugin.assets import AssetError, PackagePart
-from safeguard_plugin.benchdata import (
+from safeguard_plugin.bench import datasets as benchdata
+from safeguard_plugin.bench.assets import AssetError, PackagePart
+from safeguard_plugin.bench.datasets import (
     DATA_FILES,
     DataFile,
     advbench_style_target,

@@ -39,6 +39,12 @@ def test_wheel_contains_integrations_and_entry_points(tmp_path):
         z.extractall(tmp_path / "site")
     assert "safeguard_plugin/integrations/trl.py" in names
     assert "safeguard_plugin/data/harmful.jsonl" in names
+    assert "safeguard_plugin/bench/runner.py" in names and "safeguard_plugin/integrations/axolotl/plugin.py" in names
+    meta = (tmp_path / "site" / next(n for n in names if n.endswith(".dist-info/METADATA"))).read_text()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    core = [r for r in requires if "extra ==" not in r]
+    assert not [r for r in core if r.split(">")[0].split("=")[0].split("<")[0].strip() in ("matplotlib", "gguf", "psutil")]
+    assert {r.split(">")[0] for r in requires if 'extra == "bench"' in r} == {"matplotlib", "gguf", "psutil"}
     ep = next(n for n in names if n.endswith("entry_points.txt"))
     assert "procon = safeguard_plugin.constraints.procon:ProCon" in (tmp_path / "site" / ep).read_text()
     # import from the unpacked wheel (not the checkout): the integration module and the registry resolve there
@@ -53,7 +59,7 @@ def test_wheel_contains_integrations_and_entry_points(tmp_path):
 
 
 def test_demo_tiny_is_honest(tmp_path):
-    from safeguard_plugin.demo import run_demo
+    from safeguard_plugin.bench.demo import run_demo
 
     summary = run_demo("tiny", tmp_path, progress=False)
     assert set(summary["results"]) == {"aligned (before)", "plain SFT", "SFT + ProCon"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from safeguard_plugin import registry
+from safeguard_plugin.errors import ConfigError
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_builtins_come_from_entry_points():
     from safeguard_plugin.constraints.procon import ProCon
 
     assert registry.get_constraint("procon") is ProCon
-    with pytest.raises(KeyError, match="registered: .*procon"):
+    with pytest.raises(ConfigError, match="registered: .*procon"):
         registry.get_constraint("nope")
 
 

@@ -6,7 +6,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_on_smollm2_shows_procon_effect(tmp_path):
-    from safeguard_plugin.demo import run_demo
+    from safeguard_plugin.bench.demo import run_demo
 
     s = run_demo("smollm2-135m-instruct", tmp_path, progress=False)
     r = s["results"]

@@ -64,6 +64,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from ..config import errors_at
+from ..errors import ConfigError, SafeguardRuntimeError
 from ..risk import RiskContext, RiskExample, available_risk_estimators, clamp_risk, get_risk_estimator
 from .base import BatchView, Constraint, ConstraintConfig, OutputHead, TrainContext
 
@@ -107,8 +108,8 @@ class AdaptiveKLConfig(ConstraintConfig):
     def _check_risk(self) -> AdaptiveKLConfig:
         try:
             cls = get_risk_estimator(self.risk)
-        except KeyError:
-            raise ValueError(f"risk: unknown estimator '{self.risk}'; registered: "
+        except ConfigError:
+            raise ConfigError(f"risk: unknown estimator '{self.risk}'; registered: "
                              f"{', '.join(available_risk_estimators())}") from None
         try:
             cls.config_class.model_validate(self.risk_options, strict=True)
@@ -261,7 +262,7 @@ class AdaptiveKL(Constraint):
         from ..modeling import is_peft_model
 
         if self.config.reference == "live" and not is_peft_model(model):
-            raise ValueError("adaptive_kl.reference: 'live' needs a PEFT (LoRA/QLoRA) model, whose adapter-disabled "
+            raise ConfigError("adaptive_kl.reference: 'live' needs a PEFT (LoRA/QLoRA) model, whose adapter-disabled "
                              "forward is the reference; for full fine-tuning use 'precomputed' (or 'auto')")
         if hasattr(self.estimator, "validate_model"):
             self.estimator.validate_model(model)
@@ -320,7 +321,7 @@ class AdaptiveKL(Constraint):
         if self.estimator.needs_text:
             tokz = getattr(self._engine, "tokenizer", None)
             if tokz is None:
-                raise ValueError(f"risk estimator '{self.estimator.name}' reads text: pass the tokenizer to the trainer")
+                raise ConfigError(f"risk estimator '{self.estimator.name}' reads text: pass the tokenizer to the trainer")
             ex.prompt_text = tokz.decode(prompt, skip_special_tokens=True)
             ex.response_text = tokz.decode(response, skip_special_tokens=True)
         return ex
@@ -347,7 +348,7 @@ class AdaptiveKL(Constraint):
         examples = [self._risk_example(tok, lab) for tok, lab in todo.values()]
         scores = self.estimator.score(examples, ctx)
         if len(scores) != len(examples):
-            raise RuntimeError(f"risk estimator '{self.estimator.name}' returned {len(scores)} scores for {len(examples)} examples")
+            raise SafeguardRuntimeError(f"risk estimator '{self.estimator.name}' returned {len(scores)} scores for {len(examples)} examples")
         for key, s in zip(todo, scores):
             if s is None or not math.isfinite(float(s)):
                 self.n_risk_missing += 1

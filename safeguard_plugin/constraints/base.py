@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..config import python_form
+from ..errors import ConfigError, SafeguardRuntimeError
 
 if TYPE_CHECKING:
     from ..artifacts import Artifact
@@ -64,7 +65,7 @@ def check_effective_weight(what: str, value: float) -> float:
     """Raise (naming ``what``) when an effective penalty weight is not finite or would overflow float32 gradients."""
     if not math.isfinite(value) or value > MAX_PENALTY_WEIGHT:
         name = f"{what} = " if what else ""
-        raise ValueError(f"{name}{value:g} is too large: penalty weights above {MAX_PENALTY_WEIGHT:g} overflow float32 "
+        raise ConfigError(f"{name}{value:g} is too large: penalty weights above {MAX_PENALTY_WEIGHT:g} overflow float32 "
                          "gradients (inf grad norm); typical weights are 1-1000")
     return value
 
@@ -192,7 +193,7 @@ class BatchView:
             tgt = torch.full_like(self.labels, -100)
             tgt[:, :-1] = self.labels[:, 1:]
         else:
-            raise RuntimeError("the training forward received no labels")
+            raise SafeguardRuntimeError("the training forward received no labels")
         mask = tgt != -100
         return mask, torch.where(mask, tgt, torch.zeros_like(tgt))
 
@@ -202,7 +203,7 @@ class BatchView:
         no grad. Runs one reference forward per distinct request (counted by the engine); raises when the
         original weights are no longer reachable (full fine-tuning after the first update)."""
         if self.engine is None:
-            raise RuntimeError("this BatchView has no engine attached")
+            raise SafeguardRuntimeError("this BatchView has no engine attached")
         idx = torch.arange(self.input_ids.shape[0]) if rows is None else torch.as_tensor(rows).reshape(-1).cpu()
         key = (tuple(idx.tolist()), length)
         if key not in self._ref_hidden:
@@ -235,7 +236,7 @@ class Constraint:
         self.config = config
         self.artifact = artifact
         if self.requires and artifact is None:
-            raise ValueError(
+            raise ConfigError(
                 f"constraint '{self.name}' needs a calibration artifact (components: {', '.join(self.requires)}); "
                 "set `artifact:` to the folder written by `safeguard calibrate`"
             )

@@ -45,6 +45,7 @@ from pydantic import Field
 from torch import nn
 
 from ..distributed import get_full_param, set_full_param
+from ..errors import SafeguardError
 from .base import BatchView, Constraint, ConstraintConfig, PenaltyWeight, TrainContext
 
 logger = logging.getLogger("safeguard_plugin")
@@ -54,7 +55,7 @@ SAE = "cwac_sae"
 SAE_DIR = "sae"
 
 
-class CWACError(ValueError):
+class CWACError(SafeguardError, ValueError):
     """A CWAC set-up that would not constrain training; the message names the fix."""
 
 

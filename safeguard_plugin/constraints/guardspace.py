@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..errors import SafeguardError, SafeguardRuntimeError
 from .base import Constraint, ConstraintConfig, TrainContext
 
 logger = logging.getLogger("safeguard_plugin")
@@ -74,7 +75,7 @@ _DEDUP_PREFIX = True  # count the prompts' common prefix once (weight N); switch
 EXACT_EIGH_MAX = 2048  # larger covariances use a randomized range finder (the range side is the small one)
 
 
-class GuardSpaceError(ValueError):
+class GuardSpaceError(SafeguardError, ValueError):
     """A GuardSpace set-up that would not constrain (or not train) the model; the message names the layer."""
 
 
@@ -184,18 +185,18 @@ class _Covariances:
                 if self._first:
                     self.group_of[key] = last_g
                 elif self.group_of.get(key) != last_g:
-                    raise RuntimeError(f"guardspace calibration: input sharing of '{key}' changed between batches")
+                    raise SafeguardRuntimeError(f"guardspace calibration: input sharing of '{key}' changed between batches")
                 return
             g = self.group_of.get(key)
             if g is None:
                 if not self._first:
-                    raise RuntimeError(f"guardspace calibration: '{key}' was not called in the first batch")
+                    raise SafeguardRuntimeError(f"guardspace calibration: '{key}' was not called in the first batch")
                 g = len(self.acc)
                 self.group_of[key] = g
                 self.acc.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
                 self.count.append(0.0)
             if g in self._done:
-                raise RuntimeError(f"guardspace calibration: '{key}' input seen twice in one forward")
+                raise SafeguardRuntimeError(f"guardspace calibration: '{key}' input seen twice in one forward")
             self._done.add(g)
             rows = x.reshape(-1, x.shape[-1])[self.keep.to(x.device)]
             # batched product in float32 (float64 when the model runs in float64), accumulated in float64
@@ -1017,7 +1018,9 @@ class GuardSpace(Constraint):
                 self._init_layer(layer, k, "default")
             else:
                 _install(layer, "default", mode, self.bases[int(self.meta["layers"][k]["group"])], self._dense_cache)
-            assert math.isclose(layer.scaling["default"], scaling)
+            if not math.isclose(layer.scaling["default"], scaling):
+                raise GuardSpaceError(f"guardspace: LoRA scaling of {k} changed during surgery ({layer.scaling['default']} "
+                                      f"vs {scaling}); use one lora_alpha / r for every targeted module")
         for n, p in model.named_parameters():
             if "lora_" not in n:
                 p.requires_grad_(False)
@@ -1041,7 +1044,7 @@ class GuardSpace(Constraint):
             return
         self._checked_calls = True
         if not any(layer.lora_A[layer.gs_adapter].called for layer in self.gs_layers.values()):
-            raise RuntimeError(
+            raise SafeguardRuntimeError(
                 "guardspace: the projected lora_A modules were never called in the first training step: something "
                 "bypasses the LoRA module forward (fused LoRA kernels such as Axolotl's lora_qkv_kernel / "
                 "lora_o_kernel / lora_mlp_kernel), so the null-space projector would not apply. Disable them.")

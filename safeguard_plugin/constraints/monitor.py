@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..distributed import broadcast_object, get_full_param, set_full_param
+from ..errors import ConfigError, SafeguardRuntimeError
 from .base import Constraint, ConstraintConfig, TrainContext
 
 logger = logging.getLogger("safeguard_plugin")
@@ -61,7 +62,7 @@ class SafetyMonitorConfig(ConstraintConfig):
     @model_validator(mode="after")
     def _need_threshold(self) -> SafetyMonitorConfig:
         if self.min_cosine is None and self.max_score_drop is None and self.max_projection_shift is None:
-            raise ValueError("set at least one of min_cosine, max_score_drop, max_projection_shift")
+            raise ConfigError("set at least one of min_cosine, max_score_drop, max_projection_shift")
         return self
 
 
@@ -86,7 +87,7 @@ class SafetyMonitor(Constraint):
         tensors, meta = artifact.component("refusal_direction")
         self._layers = sorted(int(x) for x in meta["selected_layers"])
         if not self._layers:
-            raise ValueError("monitor: the artifact's refusal_direction selects no layer; re-run `safeguard calibrate`")
+            raise ConfigError("monitor: the artifact's refusal_direction selects no layer; re-run `safeguard calibrate`")
         self._P = int(meta["num_positions"])
         self._pos = int(meta["selected_position"])
         li = torch.tensor(self._layers)
@@ -111,12 +112,12 @@ class SafetyMonitor(Constraint):
 
         n = len(find_decoder_layers(model))
         if max(self._layers) >= n:
-            raise ValueError(f"monitor: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
+            raise ConfigError(f"monitor: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
         from ..distributed import param_shape
 
         d = param_shape(model.get_input_embeddings().weight)[-1]
         if self.r.shape[-1] != d:
-            raise ValueError(f"monitor: artifact direction has dimension {self.r.shape[-1]}, the model's hidden size is {d}")
+            raise ConfigError(f"monitor: artifact direction has dimension {self.r.shape[-1]}, the model's hidden size is {d}")
 
     def _load_prompts(self, tokenizer) -> None:
         from ..data import load_prompts
@@ -127,10 +128,10 @@ class SafetyMonitor(Constraint):
         harmless = load_prompts(self.config.harmless_prompts).heldout[:n]
         seqs = tokenize_prompts(tokenizer, self._harmful + harmless)
         if self._suffix and any(s[-len(self._suffix):] != self._suffix for s in seqs):
-            raise ValueError("monitor: the rendered prompts do not end with the artifact's post-instruction tokens; "
+            raise ConfigError("monitor: the rendered prompts do not end with the artifact's post-instruction tokens; "
                              "the tokenizer's chat template differs from the one the artifact was calibrated with")
         if any(len(s) < self._P for s in seqs):
-            raise ValueError("monitor: a rendered prompt is shorter than the post-instruction suffix")
+            raise ConfigError("monitor: a rendered prompt is shorter than the post-instruction suffix")
         self._ids, self._mask = pad_right(seqs, tokenizer.pad_token_id or 0)
         self._n_harm = len(self._harmful)
 
@@ -139,7 +140,7 @@ class SafetyMonitor(Constraint):
 
         tokenizer = ctx.engine.tokenizer
         if tokenizer is None:
-            raise ValueError("monitor: needs the tokenizer (pass it to SafeguardEngine.setup / the Trainer)")
+            raise ConfigError("monitor: needs the tokenizer (pass it to SafeguardEngine.setup / the Trainer)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._load_prompts(tokenizer)
@@ -245,7 +246,7 @@ class SafetyMonitor(Constraint):
         params = dict(self._trainable(model))
         missing = set(self._snapshot) - set(params)
         if missing:
-            raise RuntimeError(f"monitor: cannot restore, parameters no longer trainable/present: {sorted(missing)[:5]}")
+            raise SafeguardRuntimeError(f"monitor: cannot restore, parameters no longer trainable/present: {sorted(missing)[:5]}")
         for n, saved in self._snapshot.items():  # the optimizer's (fp32 master) copy too under DeepSpeed
             set_full_param(params[n], saved)
         self._restored = True

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from ..errors import ConfigError
 from .base import BatchView, Constraint, ConstraintConfig, PenaltyWeight, TrainContext, check_effective_weight
 
 
@@ -64,10 +65,10 @@ class ProCon(Constraint):
         else:
             bad = [x for x in config.layers if not 0 <= x < L]
             if bad:
-                raise ValueError(f"procon.layers: {bad} out of range; the artifact has layers 0..{L - 1}")
+                raise ConfigError(f"procon.layers: {bad} out of range; the artifact has layers 0..{L - 1}")
             layers = sorted(set(config.layers))
         if not layers:
-            raise ValueError("procon.layers: no layer selected")
+            raise ConfigError("procon.layers: no layer selected")
         self._layers = layers
         if config.positions == "selected":
             self._pos = [int(meta["selected_position"])]
@@ -91,12 +92,12 @@ class ProCon(Constraint):
 
         n = len(find_decoder_layers(model))
         if max(self._layers) >= n:
-            raise ValueError(f"procon: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
+            raise ConfigError(f"procon: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
         from ..distributed import param_shape
 
         d = param_shape(model.get_input_embeddings().weight)[-1]
         if self.r.shape[-1] != d:
-            raise ValueError(f"procon: artifact direction has dimension {self.r.shape[-1]}, the model's hidden size is {d}")
+            raise ConfigError(f"procon: artifact direction has dimension {self.r.shape[-1]}, the model's hidden size is {d}")
 
     def warmup_len(self, max_steps: int) -> int:
         if self.config.warmup_steps is not None:

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+
 _PROMPT_KEYS = ("prompt", "instruction", "goal", "behavior", "Behavior", "question", "text")
 
 
@@ -51,9 +53,9 @@ def _prompt_of(row: Any, where: str) -> str:
         for k in _PROMPT_KEYS:
             if isinstance(row.get(k), str) and row[k].strip():
                 return row[k].strip()
-        raise ValueError(f"{where}: no prompt column (looked for {', '.join(_PROMPT_KEYS)}; the row has "
+        raise DataError(f"{where}: no prompt column (looked for {', '.join(_PROMPT_KEYS)}; the row has "
                          f"{', '.join(map(str, row)) or 'no columns'})")
-    raise ValueError(f"{where}: expected a JSON object with a prompt column (such as {{\"prompt\": \"...\"}}) "
+    raise DataError(f"{where}: expected a JSON object with a prompt column (such as {{\"prompt\": \"...\"}}) "
                      f"or a non-empty string, got {type(row).__name__} {str(row)[:60]!r}")
 
 
@@ -79,7 +81,7 @@ def prompt_set_names(specs: list[str], flag: str = "--prompts") -> dict[str, str
     for spec in specs:
         if identity(spec) in seen:
             same = seen[identity(spec)]
-            raise ValueError(f"{flag}: {spec!r} is given twice" + (f" (as {same!r} and {spec!r})" if same != spec else "")
+            raise DataError(f"{flag}: {spec!r} is given twice" + (f" (as {same!r} and {spec!r})" if same != spec else "")
                              + "; list each prompt set once")
         seen[identity(spec)] = spec
     first = {s: Path(s).stem if is_prompt_file(s) else s for s in specs}
@@ -90,7 +92,7 @@ def prompt_set_names(specs: list[str], flag: str = "--prompts") -> dict[str, str
     for spec in specs:
         name = first[spec] if counts[first[spec]] == 1 else spec
         if name in names:
-            raise ValueError(f"{flag}: {names[name]!r} and {spec!r} would both be reported as {name!r}; rename one "
+            raise DataError(f"{flag}: {names[name]!r} and {spec!r} would both be reported as {name!r}; rename one "
                              "of the files")
         names[name] = spec
     return names
@@ -105,7 +107,7 @@ def _read_text(path: Path) -> str:
         start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
         line = data[:start].count(b"\n") + 1
         col = start - (data.rfind(b"\n", 0, start) + 1) + 1
-        raise ValueError(f"{path} line {line}: not UTF-8 (byte 0x{data[start]:02x} at column {col}); save the "
+        raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{data[start]:02x} at column {col}); save the "
                          "file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)") from None
 
 
@@ -119,16 +121,16 @@ def _file_prompts(p: Path) -> list[tuple[str, dict[str, Any]]]:
             for row in reader:
                 out.append((_prompt_of(row, f"{p} line {reader.line_num}"), row))
         except csv.Error as err:
-            raise ValueError(f"{p} line {reader.line_num}: not valid CSV ({err})") from None
+            raise DataError(f"{p} line {reader.line_num}: not valid CSV ({err})") from None
         return out
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{p} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+            raise DataError(f"{p} line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
         rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else None
         if not isinstance(rows, list):
-            raise ValueError(f"{p}: expected a JSON list of prompts (or {{\"data\": [...]}}), got {type(data).__name__}")
+            raise DataError(f"{p}: expected a JSON list of prompts (or {{\"data\": [...]}}), got {type(data).__name__}")
         for i, r in enumerate(rows):
             out.append((_prompt_of(r, f"{p} item {i + 1}"), r if isinstance(r, dict) else {}))
         return out
@@ -139,7 +141,7 @@ def _file_prompts(p: Path) -> list[tuple[str, dict[str, Any]]]:
         try:
             r = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{p} line {n}: not valid JSON ({err.msg}, column {err.colno}); each line must be one "
+            raise DataError(f"{p} line {n}: not valid JSON ({err.msg}, column {err.colno}); each line must be one "
                              "JSON object such as {\"prompt\": \"...\"}") from None
         out.append((_prompt_of(r, f"{p} line {n}"), r if isinstance(r, dict) else {}))
     return out
@@ -161,7 +163,7 @@ def load_prompts(spec: str, limit: int | None = None, heldout_frac: float = 0.3,
     elif is_prompt_file(spec):
         p = Path(spec)
         if not p.is_file():
-            raise ValueError(f"prompt file {spec} not found" + (" (it is a folder)" if p.is_dir() else "")
+            raise DataError(f"prompt file {spec} not found" + (" (it is a folder)" if p.is_dir() else "")
                              + "; give an existing .jsonl/.json/.csv file, a shipped set name "
                              f"({', '.join(SHIPPED_SETS)}) or an HF dataset id")
         pairs = _file_prompts(p)
@@ -174,21 +176,21 @@ def load_prompts(spec: str, limit: int | None = None, heldout_frac: float = 0.3,
         try:
             ds = load_dataset(path, cfg or None, split=split or "train")
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
-            raise ValueError(f"cannot load prompts '{spec}': not a shipped set, not a file, and the HF dataset "
+            raise DataError(f"cannot load prompts '{spec}': not a shipped set, not a file, and the HF dataset "
                              f"could not be loaded ({type(err).__name__}: {err})") from None
         rows = [dict(r) for r in ds]
         prompts = [_prompt_of(r, f"{spec} row {i + 1}") for i, r in enumerate(rows)]
     if limit:
         prompts, rows = prompts[:limit], rows[:limit]
     if not prompts:
-        raise ValueError(f"prompt set '{spec}' has no prompts")
+        raise DataError(f"prompt set '{spec}' has no prompts")
     if rows and all(r.get("split") in ("train", "heldout") for r in rows):
         train = [p for p, r in zip(prompts, rows) if r["split"] == "train"]
         heldout = [p for p, r in zip(prompts, rows) if r["split"] == "heldout"]
     else:
         train, heldout = _split(prompts, heldout_frac, seed)
     if need_split and (not train or not heldout):
-        raise ValueError(f"prompt set '{spec}' needs prompts in both its train and heldout splits (got "
+        raise DataError(f"prompt set '{spec}' needs prompts in both its train and heldout splits (got "
                          f"{len(train)} train, {len(heldout)} heldout): give at least 2 prompts, and if rows have a "
                          "'split' field, both values")
     return PromptSet(train, heldout, spec)
@@ -211,7 +213,7 @@ def safety_examples(n: int, seed: int = 0, fmt: str = "messages", split: str = "
         elif fmt == "prompt_completion":
             out.append({"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": r}]})
         else:
-            raise ValueError("fmt must be 'messages' or 'prompt_completion'")
+            raise DataError("fmt must be 'messages' or 'prompt_completion'")
     rng.shuffle(out)
     return out
 
@@ -222,17 +224,17 @@ def mix_safety_data(dataset, ratio: float = 0.1, seed: int = 0):
     (``messages`` or ``prompt``/``completion``); the result has the same type and columns.
     """
     if not 0 <= ratio < 1:
-        raise ValueError("ratio must be in [0, 1)")
+        raise DataError("ratio must be in [0, 1)")
     rows = list(dataset) if not isinstance(dataset, list) else dataset
     if not rows:
-        raise ValueError("mix_safety_data: empty dataset")
+        raise DataError("mix_safety_data: empty dataset")
     cols = set(rows[0])
     if "messages" in cols:
         fmt = "messages"
     elif {"prompt", "completion"} <= cols and isinstance(rows[0]["prompt"], list):
         fmt = "prompt_completion"
     else:
-        raise ValueError("mix_safety_data supports conversational datasets ('messages' or 'prompt'/'completion' "
+        raise DataError("mix_safety_data supports conversational datasets ('messages' or 'prompt'/'completion' "
                          f"lists of role/content dicts); got columns {sorted(cols)}")
     n = int(round(ratio * len(rows) / (1 - ratio)))
     extra = safety_examples(n, seed=seed, fmt=fmt)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .data import read_jsonl
+from ..data import read_jsonl
 
 
 def prompt_completion(prompt: str, answer: str) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int, output_dir: str, lr: 
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from .integrations.trl import SafeguardCallback
+    from ..integrations.trl import SafeguardCallback
 
     args = SFTConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,

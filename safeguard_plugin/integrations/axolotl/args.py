@@ -62,19 +62,19 @@ def validate_block(value: Any) -> SafeguardConfig:
         cfg = value
     else:
         if not isinstance(value, Mapping):
-            raise ValueError(f"safeguard: must be a mapping (e.g. `procon: {{weight: 100}}`), got {type(value).__name__}")
+            raise ConfigError(f"safeguard: must be a mapping (e.g. `procon: {{weight: 100}}`), got {type(value).__name__}")
         try:
             cfg = SafeguardConfig.model_validate(plain(value))
         except ValidationError as err:
-            raise ValueError("; ".join(_error_lines(err))) from None
+            raise ConfigError("; ".join(_error_lines(err))) from None
     try:
         load_config(cfg)  # the checks beyond the schema (e.g. at least one constraint enabled)
     except ConfigError as err:
-        raise ValueError(f"safeguard: {err}") from None
+        raise ConfigError(f"safeguard: {err}") from None
     registry = available_constraints()
     needs = [n for n in cfg.constraint_configs() if getattr(registry.get(n), "requires", ())]
     if needs and not cfg.artifact:
-        raise ValueError(
+        raise ConfigError(
             f"safeguard.artifact: required by {', '.join(needs)}; give a folder. If it does not exist yet, the plugin "
             "calibrates the model there at the start of the run (or run `axolotl safeguard calibrate <yaml>`)."
         )
@@ -126,7 +126,7 @@ class SafeguardArgs(BaseModel):
         if not isinstance(data, Mapping) or not uses_guardspace(data.get("safeguard")):
             return data
         if data.get("adapter") not in LORA_ADAPTERS:
-            raise ValueError(
+            raise ConfigError(
                 f"safeguard.guardspace: needs `adapter: lora` (or `qlora`) under Axolotl, got adapter: "
                 f"{data.get('adapter')!r}. GuardSpace re-initialises the run's LoRA adapters (rank `lora_r`, "
                 "`lora_alpha`) and adds the projector; without an adapter Axolotl would save a full model whose "

@@ -59,6 +59,7 @@ from safeguard_plugin.distributed import (
 from safeguard_plugin.integrations.trl import SafeguardCallback
 from safeguard_plugin.modeling import is_peft_model
 
+from ...errors import ConfigError, SafeguardRuntimeError
 from .args import (
     FUSED_LORA_KERNELS,
     guardspace_kernel_conflicts,
@@ -181,7 +182,7 @@ def ensure_artifact(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, token
             sync_folder(path)
         return path
     if zero3_active(model):  # the same on every rank: all raise
-        raise RuntimeError(ZERO3_MESSAGE.format(path=path))
+        raise SafeguardRuntimeError(ZERO3_MESSAGE.format(path=path))
     if tokenizer is None:  # on every rank: Axolotl's load_tokenizer may hold a barrier
         from axolotl.loaders import load_tokenizer
 
@@ -196,7 +197,7 @@ def ensure_artifact(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, token
     if multi:
         failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
         if failed is not None and error is None:
-            raise RuntimeError(f"safeguard: calibrating {path} failed on rank 0: {failed}")
+            raise SafeguardRuntimeError(f"safeguard: calibrating {path} failed on rank 0: {failed}")
     if error is not None:
         raise error
     if multi:
@@ -221,7 +222,7 @@ def switch_off_fused_kernels(cfg: Any) -> str:
     turns them on); refuse keys set to true. Returns the banner line."""
     explicit = guardspace_kernel_conflicts(cfg)
     if explicit:
-        raise ValueError(kernels_message(explicit))
+        raise ConfigError(kernels_message(explicit))
     unset = [k for k in FUSED_LORA_KERNELS if cfg.get(k) is None]
     for k in unset:
         cfg[k] = False
@@ -269,7 +270,7 @@ def open_cpu_process_group(cfg: Any) -> str | None:
         return None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        raise ValueError(CPU_MULTI_PROCESS_MESSAGE.format(world=world))
+        raise ConfigError(CPU_MULTI_PROCESS_MESSAGE.format(world=world))
     for k in ("RANK", "LOCAL_RANK"):
         os.environ.setdefault(k, "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -296,7 +297,7 @@ def non_reentrant_checkpointing(cfg: Any) -> str:
     kwargs = cfg.get("gradient_checkpointing_kwargs")
     if kwargs is not None and "use_reentrant" in kwargs:
         if kwargs["use_reentrant"]:
-            raise ValueError(REENTRANT_MESSAGE)
+            raise ConfigError(REENTRANT_MESSAGE)
         return "  gradient checkpointing: non-reentrant"
     cfg["gradient_checkpointing_kwargs"] = {**plain(kwargs or {}), "use_reentrant": False}
     return "  gradient checkpointing: non-reentrant (use_reentrant: false set by the plugin; Axolotl's default is true)"
@@ -394,21 +395,21 @@ class SafeguardPlugin(BasePlugin):
         quantized = [k for k in ("load_in_4bit", "load_in_8bit") if cfg.get(k)]
         if (quantized or cfg.get("adapter") == "qlora") and not torch.cuda.is_available():
             keys = ", ".join(f"{k}: true" for k in quantized) or "adapter: qlora"
-            raise ValueError(
+            raise ConfigError(
                 f"safeguard: this config loads the base model quantized ({keys}), which needs bitsandbytes and a CUDA "
                 "GPU; no CUDA device is visible here. Run it on a GPU machine, or, to try it on CPU, set "
                 "`adapter: lora` and `load_in_4bit: false` / `load_in_8bit: false`."
             )
         if cfg.get("fp16"):
-            raise ValueError(FP16_MESSAGE)
+            raise ConfigError(FP16_MESSAGE)
         if "guardspace" in sg.constraint_configs():
             on = guardspace_kernel_conflicts(cfg)
             if on:  # too late to switch off: Axolotl patched the attention class before this hook
-                raise ValueError(kernels_message(on))
+                raise ConfigError(kernels_message(on))
         # gradient checkpointing works non-reentrant: the layer hooks only store activations (recomputation
         # re-stores the same values) and the penalty is attached at the final norm, outside every checkpointed layer
         if cfg.get("gradient_checkpointing") and _reentrant(cfg):
-            raise ValueError(REENTRANT_MESSAGE)
+            raise ConfigError(REENTRANT_MESSAGE)
 
     def pre_lora_load(self, cfg, model):
         # LoRA initialisation draws from torch's RNG right after this hook, and Axolotl 0.19 seeds nothing before it

