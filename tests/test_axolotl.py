@@ -634,7 +634,7 @@ def test_example_yaml_validates_through_axolotl(validated_examples, name):
         if torch.cuda.is_available():
             assert r["pre_model_load"] == "ok"
         else:
-            assert r["pre_model_load"].startswith("ValueError: safeguard: this config loads the base model quantized "
+            assert r["pre_model_load"].startswith("ConfigError: safeguard: this config loads the base model quantized "
                                                   "(load_in_4bit: true), which needs bitsandbytes and a CUDA GPU")
         return
     assert r["pre_model_load"] == "ok"
@@ -960,7 +960,7 @@ def test_calibration_failure_on_rank0_reaches_every_rank(tmp_path, env):
     assert res[0]["steps"][0][1].startswith("ArtifactError: refusing to write the artifact to "), res
     assert "is not a safeguard artifact" in res[0]["steps"][0][1] and "notes.txt" in res[0]["steps"][0][1]
     assert (tmp_path / "art/notes.txt").read_text() == "not an artifact"  # the user's file is still there
-    assert res[1]["steps"][0][1].startswith("RuntimeError: safeguard: calibrating art failed on rank 0: "
+    assert res[1]["steps"][0][1].startswith("SafeguardRuntimeError: safeguard: calibrating art failed on rank 0: "
                                             "ArtifactError"), res
 
 
