@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .artifacts import Artifact, sha256_text
+from .constraints.base import CalibrationContext  # the context constraints calibrate with (re-exported here)
 from .data import PromptSet
 from .errors import ConfigError
 from .modeling import (
@@ -34,21 +34,6 @@ from .modeling import (
 )
 
 logger = logging.getLogger("safeguard_plugin")
-
-
-@dataclass
-class CalibrationContext:
-    model: torch.nn.Module
-    tokenizer: object
-    harmful: PromptSet
-    harmless: PromptSet
-    batch_size: int = 16
-    progress: bool = True
-    select_frac: float = 0.5
-    late_layer_cut: float = 0.2
-    cache: dict = field(default_factory=dict)
-    base_model: torch.nn.Module | None = None  # the pre-alignment checkpoint (CWAC's alignment-delta subspace)
-    constraint_configs: dict = field(default_factory=dict)  # {constraint name: config section} for calibration options
 
 
 @torch.no_grad()

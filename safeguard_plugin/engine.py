@@ -14,6 +14,10 @@ any gradient-checkpointed region — decoder-layer hooks only store activations)
 when a model has no recognisable final norm. Constraints that set ``uses_final_hidden`` get the final hidden
 states and the trainer's forward kwargs (labels, attention mask) captured by a pre-hook on the model. There a constraint may ask for a no-grad forward of the original weights
 on (part of) the batch (``BatchView.reference_hidden``): under PEFT the adapter-disabled model, no copy.
+
+The engine only orchestrates: model helpers (final norm, LM head, quantization check) live in
+:mod:`safeguard_plugin.modeling`, the reference cache and the checkpoint state file in :mod:`safeguard_plugin.state`,
+and constraints see the engine only through :class:`~safeguard_plugin.constraints.base.Runtime`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import nn
 
 from .artifacts import Artifact
 from .config import SafeguardConfig, load_config
-from .constraints.base import BatchView, Constraint, OutputHead, TrainContext
+from .constraints.base import BatchView, Constraint, TrainContext
 from .distributed import (
     all_reduce_sum,
     broadcast_object,
@@ -44,16 +48,19 @@ from .distributed import (
 from .errors import ConfigError, SafeguardRuntimeError  # SafeguardRuntimeError: re-exported here
 from .modeling import (
     StopForward,
-    capture_layers,
+    check_quantized_device,
     find_decoder_layers,
+    find_final_norm,
     find_suffix_positions,
+    fingerprint_params,
     is_peft_model,
-    pad_right,
+    output_head,
     reference_mode,
     run_until,
     unwrap_model,
 )
 from .registry import get_constraint
+from .state import STATE_FILE, ReferenceCache, load_state, save_state
 
 logger = logging.getLogger("safeguard_plugin")
 
@@ -83,83 +90,12 @@ class _InjectPenalty(torch.autograd.Function):
         return grad_h, torch.full((), ctx.scale, dtype=ctx.pdtype, device=grad_h.device), None, None
 
 
-def _prefix_key(row: torch.Tensor) -> bytes:
-    return hashlib.blake2b(row.to("cpu", torch.int64).numpy().tobytes(), digest_size=16).digest()
-
-
-_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
-
-
-def find_final_norm(model: nn.Module) -> nn.Module:
-    """The final norm whose output is the LM head's input (``model.model.norm`` in Llama/Qwen2, ``transformer.ln_f``
-    in GPT-2)."""
-    base = unwrap_model(model)
-    if is_peft_model(base):
-        base = base.get_base_model()
-    get_dec = getattr(base, "get_decoder", None)
-    dec = None
-    with contextlib.suppress(Exception):
-        dec = get_dec() if callable(get_dec) else None
-    for obj in (dec, getattr(base, "model", None), getattr(base, "transformer", None), base):
-        for name in _NORM_NAMES:
-            mod = getattr(obj, name, None) if obj is not None else None
-            if isinstance(mod, nn.Module):
-                return mod
-    raise SafeguardRuntimeError(
-        f"could not find the final norm of {type(base).__name__} (looked for {', '.join(_NORM_NAMES)} on its decoder); "
-        "constraints that work on the final hidden states need it"
-    )
-
-
-def output_head(model: nn.Module) -> OutputHead:
-    """The LM head of ``model`` with the logit scaling / soft-capping its config declares (as TRL's fused head)."""
-    base = unwrap_model(model)
-    if is_peft_model(base):
-        base = base.get_base_model()
-    lm = base.get_output_embeddings()
-    if lm is None or not isinstance(getattr(lm, "weight", None), torch.Tensor):
-        raise SafeguardRuntimeError(f"{type(base).__name__} has no linear LM head (get_output_embeddings())")
-    if hasattr(lm, "base_layer"):
-        raise SafeguardRuntimeError("an adapter on the LM head is not supported: leave lm_head out of target_modules")
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    scale = getattr(cfg, "logit_scale", None)
-    for name in ("output_multiplier", "lm_head_multiplier"):
-        scale = getattr(cfg, name, None) if scale is None else scale
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
-    return OutputHead(lm.weight, getattr(lm, "bias", None), 1.0 if scale is None else float(scale),
-                      getattr(cfg, "final_logit_softcapping", None))
-
-
-def _fingerprint_params(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters the artifact fingerprint reads: input embedding, first and last decoder layer."""
-    try:
-        blocks = find_decoder_layers(model)
-    except Exception:  # noqa: BLE001 - check_model reports the real problem
-        return []
-    return [model.get_input_embeddings().weight, *blocks[0].parameters(), *blocks[-1].parameters()]
-
-
 def _response_tokens(batch: BatchView) -> int:
     """Trained (label != -100) next-token positions of a micro-batch (0 without labels)."""
     try:
         return int(batch.next_token_targets()[0].sum())
     except RuntimeError:
         return 0
-
-
-def check_quantized_device(model: nn.Module) -> None:
-    """bitsandbytes 4-/8-bit base weights on CPU: fail with what is unsupported instead of a kernel error later."""
-    quant = [n for n, p in model.named_parameters() if type(p).__name__ in ("Params4bit", "Int8Params")]
-    if not quant and not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
-        return
-    on_cpu = any(p.device.type == "cpu" for n, p in model.named_parameters() if n in set(quant)) or not quant
-    if on_cpu or not torch.cuda.is_available():
-        raise SafeguardRuntimeError(
-            "QLoRA / bitsandbytes-quantized base weights on CPU are not supported: bitsandbytes 4-bit training, the "
-            "reference forwards and GuardSpace/CWAC calibration of quantized weights need a CUDA GPU. On CPU load the "
-            "model unquantized (torch_dtype=float32 or bfloat16) with a LoRA adapter."
-        )
 
 
 def _check_same_artifact(artifact: Artifact) -> None:
@@ -197,7 +133,7 @@ class SafeguardEngine:
         self.constraints: list[Constraint] = []
         self.model: nn.Module | None = None
         self.tokenizer = None
-        self.stop_reason: str | None = None  # set by a constraint (e.g. the monitor) to end training
+        self.stop_reason: str | None = None  # set through request_stop (e.g. by the monitor) to end training
         self.grad_accum = 1
         self.global_step = 0
         self.max_steps = 0
@@ -213,7 +149,7 @@ class SafeguardEngine:
         self._in_reference = False
         self._pending: torch.Tensor | None = None
         self._backward_seen = 0
-        self._cache: dict[str, dict[bytes, torch.Tensor]] = {}
+        self._refs = ReferenceCache()  # original-model values per constraint and prompt prefix
         self._world = 1  # ranks whose gradients the trainer averages (DDP / DeepSpeed)
         self._collective_forwards = False  # ZeRO-3 with > 1 rank: every rank must run the same forwards
         # counters
@@ -251,7 +187,7 @@ class SafeguardEngine:
             if is_distributed():
                 _check_same_artifact(self.artifact)
         if self.artifact is not None:
-            with gathered(_fingerprint_params(self.model)):  # model built under ZeRO-3 zero.Init: partitioned
+            with gathered(fingerprint_params(self.model)):  # model built under ZeRO-3 zero.Init: partitioned
                 problems = self.artifact.check_model(self.model, tokenizer, strict=self.config.strict_fingerprint)
             for w in problems:
                 warnings.warn(f"safeguard: {w}", stacklevel=2)
@@ -401,7 +337,7 @@ class SafeguardEngine:
             batch.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             batch.forward_kwargs = fwd
             batch.head = output_head(self.model)
-            batch.engine = self
+            batch.runtime = self
         if n_valid and self._prompt_ref_users():
             self._attach_reference(batch, ids, pos, valid)
         if self._world > 1:
@@ -454,21 +390,17 @@ class SafeguardEngine:
         return p
 
     # -------------------------------------------------------------------------------------- references
-    def _keys(self, ids: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> list[bytes | None]:
-        ends = (pos[:, -1] + 1).tolist()
-        ids_cpu = ids.detach().cpu()
-        return [(_prefix_key(ids_cpu[i, : ends[i]]) if v else None) for i, v in enumerate(valid.tolist())]
-
     def _attach_reference(self, batch: BatchView, ids, pos, valid) -> None:
-        keys = self._keys(ids, pos, valid)
-        missing = [i for i, k in enumerate(keys) if k is not None and any(k not in self._cache.get(c.name, {})
-                                                                           for c in self._prompt_ref_users())]
+        users = self._prompt_ref_users()
+        names = [c.name for c in users]
+        keys = self._refs.keys(ids, pos, valid)
+        missing = [i for i, k in enumerate(keys) if k is not None and not self._refs.holds(k, names)]
         if missing and self._collective_forwards:
             warnings.warn(f"safeguard: {len(missing)} training example(s) have no precomputed reference value; under "
                           "ZeRO-3 with several ranks they cannot be filled lazily (forwards are collective), so their "
                           "penalty is skipped (counted in safeguard/reference_missing). Keep precompute_references on.",
                           stacklevel=2)
-        elif missing and (is_peft_model(self.model) or self.optimizer_steps_seen == 0):
+        elif missing and self.reference_available():
             # the original weights are still reachable (adapter disabled, or no update yet): fill lazily
             ends = (pos[:, -1] + 1).tolist()
             self._compute_references([ids[i, : ends[i]].tolist() for i in missing])
@@ -477,52 +409,24 @@ class SafeguardEngine:
         for i in missing:
             ref_valid[i] = False
         self.n_rows_ref_missing += len(missing)
-        for c in self._prompt_ref_users():
-            cache = self._cache.get(c.name, {})
-            rows = [cache.get(k) if (k is not None and ref_valid[i]) else None for i, k in enumerate(keys)]
-            template = next((r for r in rows if r is not None), None)
-            if template is None:
+        for c in users:
+            stacked = self._refs.rows(c.name, keys, ref_valid)
+            if stacked is None:
                 ref_valid[:] = False
                 batch.reference[c.name] = torch.zeros(0)
                 continue
-            stacked = torch.stack([r if r is not None else torch.zeros_like(template) for r in rows])
             batch.reference[c.name] = stacked.to(batch.valid.device)
         batch.ref_valid = ref_valid.to(batch.valid.device)
 
-    @torch.no_grad()
     def _compute_references(self, prefixes: list[list[int]], batch_size: int = 16, progress: bool = False) -> None:
         """Original-model values for each prompt prefix (which ends with the post-instruction tokens)."""
         users = self._prompt_ref_users()
         if not users or not prefixes:
             return
-        P = len(self._suffix)
-        device = next(self.model.parameters()).device
-        order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]))
-        it: Iterable = range(0, len(order), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="safeguard: reference values", unit="batch")
         self._in_reference = True
         try:
             with reference_mode(self.model):
-                for s in it:
-                    chunk = [prefixes[i] for i in order[s: s + batch_size]]
-                    ids, mask = pad_right(chunk, 0)
-                    lengths = mask.sum(1)
-                    with capture_layers(self.model, self._layers) as store:
-                        run_until(self.model, input_ids=ids.to(device), attention_mask=mask.to(device))
-                    pos = (lengths - P).unsqueeze(1) + torch.arange(P)
-                    acts = {}
-                    for layer, a in store.items():
-                        idx = pos.to(a.device).unsqueeze(-1).expand(-1, -1, a.shape[-1])
-                        acts[layer] = a.gather(1, idx).float()
-                    keys = [_prefix_key(torch.tensor(p)) for p in chunk]
-                    for c in users:
-                        vals = c.reference_values(acts).detach().cpu()
-                        cache = self._cache.setdefault(c.name, {})
-                        for k, v in zip(keys, vals):
-                            cache[k] = v
+                self._refs.compute(self.model, users, self._layers, len(self._suffix), prefixes, batch_size, progress)
         finally:
             self._in_reference = False
 
@@ -545,6 +449,7 @@ class SafeguardEngine:
         if not self._prompt_ref_users():
             return n_new
         seen: dict[bytes, list[int]] = {}
+        names = [c.name for c in self._prompt_ref_users()]
         for b in batches:
             ids = b["input_ids"]
             ids = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
@@ -552,12 +457,9 @@ class SafeguardEngine:
                 ids = ids.unsqueeze(0)
             pos, valid = self._gather(ids)
             ends = (pos[:, -1] + 1).tolist()
-            for i, v in enumerate(valid.tolist()):
-                if v:
-                    row = ids[i, : ends[i]]
-                    k = _prefix_key(row)
-                    if all(k not in self._cache.get(c.name, {}) for c in self._prompt_ref_users()):
-                        seen.setdefault(k, row.tolist())
+            for i, k in enumerate(self._refs.keys(ids, pos, valid)):
+                if k is not None and not self._refs.holds(k, names):
+                    seen.setdefault(k, ids[i, : ends[i]].tolist())
         self._compute_references(list(seen.values()), batch_size=batch_size, progress=progress)
         return n_new + len(seen)
 
@@ -610,79 +512,25 @@ class SafeguardEngine:
         self.n_reference_forwards += 1
         return store["h"]
 
-    def reference_hidden_for(self, batch: BatchView, rows: torch.Tensor, length: int | None = None) -> torch.Tensor:
-        """:meth:`reference_hidden` on ``rows`` of a training micro-batch (its attention mask / position ids),
-        truncated to ``length`` positions."""
-        B = batch.input_ids.shape[0]
-        rows = rows.to(batch.input_ids.device)
-        sl = slice(None) if length is None else slice(0, int(length))
-        kw = {}
-        for k in ("attention_mask", "position_ids", "token_type_ids"):
-            v = batch.forward_kwargs.get(k)
-            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == B:
-                kw[k] = v[rows.to(v.device)][:, sl]
-        return self.reference_hidden(batch.input_ids[rows][:, sl], **kw)
-
     # ------------------------------------------------------------------------------------ checkpoint state
-    STATE_FILE = "safeguard_state.safetensors"
+    STATE_FILE = STATE_FILE
+    # engine counter -> its key in the state file
+    _SAVED_COUNTERS = {"nan_skipped": "nan_skipped", "optimizer_steps_seen": "optimizer_steps_seen",
+                       "n_penalty_evals": "penalty_evals", "n_penalty_skipped": "penalty_skipped"}
 
     def save_state(self, folder: str) -> None:
-        """Write the reference cache and counters next to a Trainer checkpoint (atomically)."""
-        import json
-        import os
-
-        from safetensors.torch import save_file
-
-        tensors, meta = {}, {"nan_skipped": self.nan_skipped, "optimizer_steps_seen": self.optimizer_steps_seen,
-                             "penalty_evals": self.n_penalty_evals, "penalty_skipped": self.n_penalty_skipped}
-        for name, cache in self._cache.items():
-            if cache:
-                keys = list(cache)
-                tensors[f"ref.{name}"] = torch.stack([cache[k] for k in keys]).contiguous()
-                meta[f"keys.{name}"] = [k.hex() for k in keys]
-        for c in self.constraints:  # constraint state: tensors in the file, the rest in the metadata
-            plain = {}
-            for k, v in (c.state_dict() or {}).items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"state.{c.name}.{k}"] = v.detach().cpu().contiguous().clone()
-                else:
-                    plain[k] = v
-            if plain:
-                meta[f"state.{c.name}"] = plain
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, self.STATE_FILE)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"safeguard": json.dumps(meta)})
-        os.replace(tmp, path)
+        """Write the reference cache, the constraints' state and the counters next to a Trainer checkpoint
+        (atomically; see :mod:`safeguard_plugin.state`)."""
+        save_state(folder, self._refs, self.constraints,
+                   {key: getattr(self, attr) for attr, key in self._SAVED_COUNTERS.items()})
 
     def load_state(self, folder: str) -> bool:
-        import json
-        import os
-
-        from safetensors import safe_open
-
-        path = os.path.join(folder, self.STATE_FILE)
-        if not os.path.isfile(path):
+        """Restore what :meth:`save_state` wrote to ``folder``; False when it holds no state file."""
+        counters = load_state(folder, self._refs, self.constraints, self._SAVED_COUNTERS.values())
+        if counters is None:
             return False
-        states: dict[str, dict[str, Any]] = {}
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads(f.metadata()["safeguard"])
-            for t in f.keys():
-                if t.startswith("state."):
-                    _, cname, key = t.split(".", 2)
-                    states.setdefault(cname, {})[key] = f.get_tensor(t)
-                    continue
-                name = t[len("ref."):]
-                vals = f.get_tensor(t)
-                self._cache[name] = {bytes.fromhex(k): v for k, v in zip(meta[f"keys.{name}"], vals)}
-        for c in self.constraints:
-            st = {**meta.get(f"state.{c.name}", {}), **states.get(c.name, {})}
-            if st:
-                c.load_state_dict(st)
-        self.nan_skipped = int(meta.get("nan_skipped", 0))
-        self.optimizer_steps_seen = int(meta.get("optimizer_steps_seen", 0))
-        self.n_penalty_evals = int(meta.get("penalty_evals", 0))
-        self.n_penalty_skipped = int(meta.get("penalty_skipped", 0))
+        for attr, key in self._SAVED_COUNTERS.items():
+            setattr(self, attr, counters[key])
         return True
 
     # ---------------------------------------------------------------------------------------- lifecycle
@@ -704,8 +552,17 @@ class SafeguardEngine:
         sequence of (reference) forwards."""
         return self._collective_forwards
 
+    @property
+    def world_size(self) -> int:
+        """Ranks whose gradients the trainer averages (read at ``begin_training``)."""
+        return self._world
+
+    def request_stop(self, reason: str) -> None:
+        """A constraint asks to end training (``stop_reason``: the integrations stop after this step)."""
+        self.stop_reason = reason if not self.stop_reason else f"{self.stop_reason}; {reason}"
+
     def context(self) -> TrainContext:
-        return TrainContext(model=self.model, engine=self, max_steps=self.max_steps, global_step=self.global_step)
+        return TrainContext(model=self.model, runtime=self, max_steps=self.max_steps, global_step=self.global_step)
 
     def after_step(self, global_step: int) -> None:
         """Call after each optimizer step (``on_step_end``): runs edits and the first-steps sanity checks."""

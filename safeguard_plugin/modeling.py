@@ -7,11 +7,15 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import DataError, SafeguardRuntimeError
+
+if TYPE_CHECKING:
+    from .constraints.base import OutputHead
 
 
 class StopForward(Exception):
@@ -45,6 +49,35 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
             "'layers', 'h' or 'blocks' with config.num_hidden_layers entries)"
         )
     return best[1]
+
+
+def is_lora_layer(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a PEFT LoRA layer (the wrapper holding ``base_layer``, ``lora_A``, ``lora_B``)."""
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(mod, LoraLayer)
+
+
+def matches_targets(name: str, targets: Sequence[str] | str | None) -> bool:
+    """Whether the in-block module ``name`` is selected by ``targets``: None / ``"all-linear"`` select every module,
+    a list selects names equal to an entry or ending in ``"." + entry`` (PEFT's ``target_modules`` suffix rule)."""
+    if targets is None or targets == "all-linear":
+        return True
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def iter_block_linears(model: nn.Module, targets: Sequence[str] | str | None = None
+                       ) -> Iterator[tuple[int, str, nn.Module]]:
+    """``(layer index, in-block name, module)`` for the linear layers inside the decoder blocks (never ``lm_head``):
+    ``nn.Linear`` modules and PEFT LoRA layers (the wrapper, not its ``lora_A`` / ``lora_B`` / ``base_layer``),
+    selected by ``targets`` (:func:`matches_targets`)."""
+    for i, block in enumerate(find_decoder_layers(model)):
+        for name, mod in block.named_modules():
+            if "lora_" in name or name.endswith("base_layer"):
+                continue
+            if not (isinstance(mod, nn.Linear) or is_lora_layer(mod)) or not matches_targets(name, targets):
+                continue
+            yield i, name, mod
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -100,6 +133,77 @@ def run_until(model: nn.Module, **inputs) -> None:
         model(**inputs, use_cache=False)
     except StopForward:
         pass
+
+
+# ------------------------------------------------------------------------------------- final norm, LM head
+_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The final norm whose output is the LM head's input (``model.model.norm`` in Llama/Qwen2, ``transformer.ln_f``
+    in GPT-2)."""
+    base = unwrap_model(model)
+    if is_peft_model(base):
+        base = base.get_base_model()
+    get_dec = getattr(base, "get_decoder", None)
+    dec = None
+    with contextlib.suppress(Exception):
+        dec = get_dec() if callable(get_dec) else None
+    for obj in (dec, getattr(base, "model", None), getattr(base, "transformer", None), base):
+        for name in _NORM_NAMES:
+            mod = getattr(obj, name, None) if obj is not None else None
+            if isinstance(mod, nn.Module):
+                return mod
+    raise SafeguardRuntimeError(
+        f"could not find the final norm of {type(base).__name__} (looked for {', '.join(_NORM_NAMES)} on its decoder); "
+        "constraints that work on the final hidden states need it"
+    )
+
+
+def output_head(model: nn.Module) -> OutputHead:
+    """The LM head of ``model`` with the logit scaling / soft-capping its config declares (as TRL's fused head)."""
+    from .constraints.base import OutputHead  # the interface type (imported here: base is above this module)
+    base = unwrap_model(model)
+    if is_peft_model(base):
+        base = base.get_base_model()
+    lm = base.get_output_embeddings()
+    if lm is None or not isinstance(getattr(lm, "weight", None), torch.Tensor):
+        raise SafeguardRuntimeError(f"{type(base).__name__} has no linear LM head (get_output_embeddings())")
+    if hasattr(lm, "base_layer"):
+        raise SafeguardRuntimeError("an adapter on the LM head is not supported: leave lm_head out of target_modules")
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = getattr(cfg, "logit_scale", None)
+    for name in ("output_multiplier", "lm_head_multiplier"):
+        scale = getattr(cfg, name, None) if scale is None else scale
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    return OutputHead(lm.weight, getattr(lm, "bias", None), 1.0 if scale is None else float(scale),
+                      getattr(cfg, "final_logit_softcapping", None))
+
+
+# ------------------------------------------------------------------------------------------ model checks
+def fingerprint_params(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters the artifact fingerprint reads: input embedding, first and last decoder layer (gathered around the
+    fingerprint under ZeRO-3)."""
+    try:
+        blocks = find_decoder_layers(model)
+    except Exception:  # noqa: BLE001 - check_model reports the real problem
+        return []
+    return [model.get_input_embeddings().weight, *blocks[0].parameters(), *blocks[-1].parameters()]
+
+
+def check_quantized_device(model: nn.Module) -> None:
+    """bitsandbytes 4-/8-bit base weights on CPU: fail with what is unsupported instead of a kernel error later."""
+    quant = [n for n, p in model.named_parameters() if type(p).__name__ in ("Params4bit", "Int8Params")]
+    if not quant and not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return
+    on_cpu = any(p.device.type == "cpu" for n, p in model.named_parameters() if n in set(quant)) or not quant
+    if on_cpu or not torch.cuda.is_available():
+        raise SafeguardRuntimeError(
+            "QLoRA / bitsandbytes-quantized base weights on CPU are not supported: bitsandbytes 4-bit training, the "
+            "reference forwards and GuardSpace/CWAC calibration of quantized weights need a CUDA GPU. On CPU load the "
+            "model unquantized (torch_dtype=float32 or bfloat16) with a LoRA adapter."
+        )
 
 
 # ------------------------------------------------------------------------------------------ chat formatting

@@ -36,6 +36,7 @@ from .registry import EntryPointRegistry
 
 if TYPE_CHECKING:
     from .artifacts import Artifact
+    from .constraints.base import CalibrationContext
 
 logger = logging.getLogger("safeguard_plugin")
 
@@ -92,7 +93,7 @@ class RiskEstimator:
             artifact.component(comp)
 
     @classmethod
-    def calibrate(cls, ctx: Any, artifact: Artifact) -> None:
+    def calibrate(cls, ctx: CalibrationContext, artifact: Artifact) -> None:
         """Add this estimator's components to ``artifact`` (optional)."""
 
     def score(self, examples: Sequence[RiskExample], ctx: RiskContext) -> list[float]:
@@ -537,7 +538,7 @@ def train_probe(x_tr: torch.Tensor, y_tr: torch.Tensor, x_ho: torch.Tensor | Non
     return tensors, out
 
 
-def calibrate_risk_probe(ctx: Any, artifact: Artifact) -> None:
+def calibrate_risk_probe(ctx: CalibrationContext, artifact: Artifact) -> None:
     """Add the ``risk_probe`` component (idempotent): features of the calibration prompts (harmful = 1,
     harmless = 0) on the calibrated model, MLP trained on the train split, scored on the held-out split."""
     if artifact.has("risk_probe"):

@@ -368,7 +368,9 @@ def test_state_roundtrip_keeps_scores_and_reference_cache(tok, tmp_path):
 
 
 def test_benchmark_rows():
-    assert AdaptiveKL.benchmark_configs() == {"adaptive_kl_probe": {"risk": "probe"},
+    from safeguard_plugin.bench.runner import method_bench
+
+    assert method_bench(AdaptiveKL).rows == {"adaptive_kl_probe": {"risk": "probe"},
                                               "adaptive_kl_keyword": {"risk": "keyword"},
                                               "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference",
                                                                                         "validate_judge": False}}}

@@ -507,7 +507,7 @@ def test_guardspace_run_kernels_off_and_adapters_saved(guardspace_run):
         assert not (folder / "guardspace").exists() and not (folder / "model.safetensors").exists(), rel
         assert json.loads((folder / "adapter_config.json").read_text())["r"] == 2 * lora_r, rel  # [B, -B0][A P; A0 P]
     # post_train runs twice; the second call (after Axolotl's own save) puts the complete adapter back
-    assert out.index("Model successfully saved to") < out.index("writing the GuardSpace adapter over the one Axolotl") \
+    assert out.index("Model successfully saved to") < out.index("writing the trained model over the one Axolotl saved") \
         < out.rindex(f"guardspace wrote the trained model to {output_dir}; projector included")
 
 

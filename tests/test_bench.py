@@ -33,7 +33,24 @@ def test_all_combined_row_is_adjusted_by_the_constraints():
     assert methods["all"]["procon"] == methods["procon"]["procon"]
     from safeguard_plugin.constraints.cwac import CWAC
     from safeguard_plugin.constraints.procon import ProCon
-    assert CWAC.combined_benchmark_config({}, {"procon": ProCon}) == {}
+    assert bench.method_bench(CWAC).combined({}, {"procon": bench.method_bench(ProCon)}) == {}
+
+
+def test_bench_rows_live_next_to_each_constraint():
+    """Rows come from the ``bench`` module in the constraint's package, found through the registry; a constraint
+    without one gets one row with its default config."""
+    from safeguard_plugin.constraints.base import Constraint
+    from safeguard_plugin.constraints.guardspace import GuardSpace
+
+    assert bench.bench_module_name(GuardSpace) == "safeguard_plugin.constraints.guardspace.bench"
+    assert bench.method_bench(GuardSpace).nonzero_adapter_init
+    assert not hasattr(Constraint, "benchmark_configs") and not hasattr(Constraint, "nonzero_adapter_init")
+
+    class NoBench(Constraint):
+        name = "no_bench_example"
+
+    mb = bench.method_bench(NoBench)
+    assert mb.rows == {"no_bench_example": {}} and mb.combined_config({}) == {} and not mb.nonzero_adapter_init
 
 
 def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys):

@@ -74,7 +74,7 @@ def test_modified_sae_file_is_refused(cw_art, tmp_path):
 
 def test_gradient_subspace_matches_exact_per_example_gradients(tok):
     """The sketch's left/right subspaces equal the exact top eigenvectors of Σ G_i G_iᵀ / Σ G_iᵀ G_i."""
-    from safeguard_plugin.constraints.cwac import _refusal_batches, gradient_subspaces
+    from safeguard_plugin.constraints.cwac.calibrate import _refusal_batches, gradient_subspaces
 
     model = tiny_model()
     prompts = load_prompts("harmful", limit=12).train[:6]
@@ -212,7 +212,9 @@ def test_benchmark_rows_and_registry():
     from safeguard_plugin.registry import available_constraints
 
     assert available_constraints()["cwac"] is CWAC
-    assert set(CWAC.benchmark_configs()) == {"cwac_weight", "cwac_sae", "cwac"}
+    from safeguard_plugin.bench.runner import method_bench
+
+    assert set(method_bench(CWAC).rows) == {"cwac_weight", "cwac_sae", "cwac"}
 
 
 def test_projection_refuses_adapters_with_a_nonzero_initial_update(cw_art, tok):

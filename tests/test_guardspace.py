@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 
-from safeguard_plugin.constraints import guardspace as gsm
+import safeguard_plugin.constraints.guardspace.calibrate as gsm
 from safeguard_plugin.constraints.guardspace import (
     GuardSpace,
     GuardSpaceConfig,

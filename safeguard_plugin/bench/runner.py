@@ -5,8 +5,9 @@ Protocol (per harmful ratio p, every method trains on the same data with the sam
 * data: a deterministic benign task with exact-match answers (arithmetic word problems) mixed with harmful
   prompts (HarmBench validation "standard" behaviours + AdvBench, from pinned package data files) paired with
   content-free compliance-style answers, at ratio p. Evaluation prompts are disjoint (hash-checked).
-* methods: ``base`` (no fine-tuning), ``sft`` (plain LoRA SFT), one row per registered constraint that
-  declares benchmark defaults, and ``all`` (those combined) when there are two or more.
+* methods: ``base`` (no fine-tuning), ``sft`` (plain LoRA SFT), the rows of each registered constraint (the
+  ``BENCHMARK_ROWS`` of the ``bench`` module in its package; without one, a row with its default config), and
+  ``all`` (each constraint's first row, combined) when there are two or more.
 * metrics: harmful-prompt refusal (held-out), over-refusal on borderline-but-safe prompts, refusal on plainly
   harmless prompts, task accuracy, template collapse, train loss, step-time and training-memory ratios vs
   plain SFT, and the keyword judge's accuracy on a labelled set.
@@ -17,11 +18,14 @@ Protocol (per harmful ratio p, every method trains on the same data with the sam
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import statistics
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -130,20 +134,61 @@ def _atomic_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class MethodBench:
+    """A constraint's benchmark data: the ``bench`` module next to it (see :func:`method_bench`)."""
+
+    name: str
+    rows: dict[str, dict]  # {row label: config section}; the first row is the one "all combined" uses
+    nonzero_adapter_init: bool = False  # its adapters start from non-zero factors (BA != 0 at step 0)
+    combined: Callable[[dict, dict[str, MethodBench]], dict] | None = None  # adjusts its "all" section to the others
+
+    def combined_config(self, others: dict[str, MethodBench]) -> dict:
+        """This method's section in the "all combined" row (its first row, adjusted to ``others``)."""
+        config = next(iter(self.rows.values()))
+        return self.combined(config, others) if self.combined is not None else config
+
+
+def bench_module_name(cls: type) -> str | None:
+    """``<package of the constraint class>.bench`` (e.g. ``safeguard_plugin.constraints.cwac.bench``)."""
+    mod = sys.modules.get(cls.__module__)
+    package = getattr(mod, "__package__", None) if mod is not None else cls.__module__.rpartition(".")[0]
+    return f"{package}.bench" if package else None
+
+
+def method_bench(cls: type) -> MethodBench:
+    """The benchmark data of constraint class ``cls``: its package's ``bench`` module (``BENCHMARK_ROWS``, and
+    optionally ``NONZERO_ADAPTER_INIT`` and ``combined(config, others)``); a constraint without one gets the default
+    row ``{name: {}}`` (its default config)."""
+    modname = bench_module_name(cls)
+    data = None
+    if modname is not None:
+        try:
+            data = importlib.import_module(modname)
+        except ModuleNotFoundError as err:
+            if err.name != modname:  # the bench module exists but fails to import: say so
+                raise
+    if data is None or not hasattr(data, "BENCHMARK_ROWS"):
+        return MethodBench(cls.name, {cls.name: {}})
+    return MethodBench(cls.name, dict(data.BENCHMARK_ROWS), bool(getattr(data, "NONZERO_ADAPTER_INIT", False)),
+                       getattr(data, "combined", None))
+
+
 def benchmark_methods() -> dict[str, dict | None]:
-    """``{method: safeguard config sections or None}``: base, sft, each benchmarkable constraint, all."""
+    """``{method: safeguard config sections or None}``: base, sft, each registered constraint's rows, all."""
     from ..registry import available_constraints
 
     methods: dict[str, dict | None] = {"base": None, "sft": None}
-    per, classes = {}, {}
+    per: dict[str, MethodBench] = {}
     for name, cls in available_constraints().items():
-        for label, cfg in (cls.benchmark_configs() or {}).items():
+        mb = method_bench(cls)
+        for label, cfg in mb.rows.items():
             methods[label] = {name: cfg}
-            if name not in per:
-                per[name], classes[name] = cfg, cls
+        if mb.rows:
+            per[name] = mb
     if len(per) >= 2:  # "all combined": each constraint's first row, adjusted by it to the others it runs with
-        methods["all"] = {name: classes[name].combined_benchmark_config(
-            cfg, {n: c for n, c in classes.items() if n != name}) for name, cfg in per.items()}
+        methods["all"] = {name: mb.combined_config({n: o for n, o in per.items() if n != name})
+                          for name, mb in per.items()}
     return methods
 
 

@@ -32,15 +32,30 @@ Capabilities a constraint can ask for (class attributes), all off by default:
   GuardSpace: the projector and the residual weights would be lost), so the integrations route the trainer's own
   model saves (``save_model``, checkpoints, ``push_to_hub``) through ``save_model(model, folder)`` and its loads
   (resuming, best model) through ``load_model(model, folder)``. At most one active constraint may own the save.
+* ``calibrates_base_layers``: ``calibrate`` reads the base model's own Linear layers, so integrations run it before
+  PEFT wraps them (Axolotl: ``pre_lora_load``).
+* ``requires_lora_adapter``: the method works on the run's LoRA adapters (re-initialises or constrains them), so the
+  trainer must train a LoRA / QLoRA adapter (Axolotl: ``adapter: lora|qlora`` is required).
+* ``requires_unfused_lora``: the method acts inside the LoRA modules' own forward, so fused LoRA kernels that compute
+  the adapted projections without calling it must be off (Axolotl: ``lora_qkv_kernel`` / ``lora_o_kernel`` /
+  ``lora_mlp_kernel`` are switched off).
+
+Anything else a method needs from the trainer's set-up it checks in ``check_training(config, setup)``, which the
+integrations call with a :class:`TrainingSetup` before the model is built (Axolotl) or when they attach (TRL).
+
+What a constraint sees of the run is :class:`Runtime` (``TrainContext.runtime``, ``BatchView.runtime``): a small
+protocol the engine implements; a constraint never imports the engine. Calibration sees
+:class:`CalibrationContext`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +66,7 @@ from ..errors import ConfigError, SafeguardRuntimeError
 
 if TYPE_CHECKING:
     from ..artifacts import Artifact
-    from ..engine import SafeguardEngine
+    from ..data import PromptSet
 
 
 # The largest effective penalty weight (after every multiplier a constraint applies, e.g. ProCon's warm-up factor).
@@ -105,14 +120,96 @@ class ConstraintConfig(BaseModel):
         return None
 
 
+@runtime_checkable
+class Runtime(Protocol):
+    """What a constraint may use of the training run besides its own config and artifact (``TrainContext.runtime``,
+    ``BatchView.runtime``). :class:`~safeguard_plugin.engine.SafeguardEngine` implements it; constraints depend on this
+    protocol only, never on the engine."""
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model being trained (DDP / DeepSpeed wrappers removed; the PEFT model under LoRA)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The trainer's tokenizer (None when the integration was given none)."""
+        ...
+
+    @property
+    def post_instruction_ids(self) -> list[int]:
+        """The chat template's post-instruction token ids recorded in the artifact (empty without one)."""
+        ...
+
+    @property
+    def world_size(self) -> int:
+        """Ranks whose gradients the trainer averages (DDP / DeepSpeed); 1 in a single process."""
+        ...
+
+    @property
+    def collective_forwards(self) -> bool:
+        """DeepSpeed ZeRO-3 with several ranks: forwards gather parameters collectively, so every rank must run the
+        same sequence of (reference) forwards."""
+        ...
+
+    def reference_available(self) -> bool:
+        """Whether the original weights can still be run: PEFT (adapter disabled), or before the first update."""
+        ...
+
+    def reference(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """A block that runs the original weights (PEFT adapters disabled; eval; no grad; the penalty hooks inactive);
+        yields the model. Raises when full fine-tuning has already changed them."""
+        ...
+
+    def reference_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states ``(B, T, d)`` of the original weights (no grad; the forward stops at the final norm);
+        ``kwargs``: attention_mask / position_ids / token_type_ids."""
+        ...
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the integration to end training after this step, with ``reason`` logged (e.g. a safety alert)."""
+        ...
+
+
 @dataclass
 class TrainContext:
     """What a constraint sees outside the forward pass."""
 
     model: torch.nn.Module
-    engine: SafeguardEngine
+    runtime: Runtime
     max_steps: int = 0
     global_step: int = 0
+
+
+@dataclass
+class CalibrationContext:
+    """What ``Constraint.calibrate`` sees: the model being calibrated (the aligned model), its tokenizer and the
+    prompt sets, with the calibration options."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    harmful: PromptSet
+    harmless: PromptSet
+    batch_size: int = 16
+    progress: bool = True
+    select_frac: float = 0.5
+    late_layer_cut: float = 0.2
+    # values shared between the constraints calibrated in one run (e.g. a constraint's effective options)
+    cache: dict[str, Any] = field(default_factory=dict)
+    base_model: torch.nn.Module | None = None  # the pre-alignment checkpoint (CWAC's alignment-delta subspace)
+    # {constraint name: config section} for calibration options (sections as dicts or validated configs)
+    constraint_configs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """The trainer's set-up as an integration reads it before training, for ``Constraint.check_training`` (Axolotl:
+    from the YAML, before the model is built; TRL: from the trainer's arguments and model when the callback
+    attaches)."""
+
+    adapter: str | None = None  # the trained PEFT adapter's method ("lora", "qlora", ...); None: full fine-tuning
+    packing: bool = False  # several examples per row (TRL packing / padding_free, Axolotl sample_packing)
+    framework: str = ""  # "trl", "axolotl": for messages that name the setting to change
 
 
 @dataclass
@@ -164,7 +261,7 @@ class BatchView:
     attention_mask: torch.Tensor | None = None
     forward_kwargs: dict[str, Any] = field(default_factory=dict)
     head: OutputHead | None = None
-    engine: SafeguardEngine | None = field(default=None, repr=False)
+    runtime: Runtime | None = field(default=None, repr=False)
     # Several ranks (DDP / DeepSpeed): the trainer averages gradients over ``world_size`` ranks, so a penalty that is a
     # mean over rows / tokens must divide its local sum by (global count / world_size) to equal the single-process
     # penalty of the whole batch. ``global_rows``: rows with a usable reference (``ref_valid``, else ``valid``) summed
@@ -202,12 +299,20 @@ class BatchView:
         to the first ``length`` positions (causal: earlier positions are unchanged); ``(len(rows), length, d)``,
         no grad. Runs one reference forward per distinct request (counted by the engine); raises when the
         original weights are no longer reachable (full fine-tuning after the first update)."""
-        if self.engine is None:
-            raise SafeguardRuntimeError("this BatchView has no engine attached")
+        if self.runtime is None:
+            raise SafeguardRuntimeError("this BatchView has no runtime attached")
         idx = torch.arange(self.input_ids.shape[0]) if rows is None else torch.as_tensor(rows).reshape(-1).cpu()
         key = (tuple(idx.tolist()), length)
         if key not in self._ref_hidden:
-            self._ref_hidden[key] = self.engine.reference_hidden_for(self, idx, length)
+            B = self.input_ids.shape[0]
+            sel = idx.to(self.input_ids.device)
+            sl = slice(None) if length is None else slice(0, int(length))
+            kw = {}
+            for k in ("attention_mask", "position_ids", "token_type_ids"):
+                v = self.forward_kwargs.get(k)
+                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == B:
+                    kw[k] = v[sel.to(v.device)][:, sl]
+            self._ref_hidden[key] = self.runtime.reference_hidden(self.input_ids[sel][:, sl], **kw)
         return self._ref_hidden[key]
 
 
@@ -222,8 +327,6 @@ class Constraint:
     uses_final_hidden: ClassVar[bool] = False  # penalty at the final hidden states (LM head input)
     # metrics() reads trainable parameters (e.g. adapter factors): under ZeRO-3 the engine gathers them around it
     metrics_read_params: ClassVar[bool] = False
-    # modify_model() starts adapters from non-zero factors (BA != 0 at step 0, e.g. GuardSpace's CorDA-style init)
-    nonzero_adapter_init: ClassVar[bool] = False
     # calibrate() reads the base model's own Linear layers (weights, inputs, gradients): integrations must run it
     # before PEFT wraps them (e.g. Axolotl's pre_lora_load), not on the adapter-disabled PEFT model
     calibrates_base_layers: ClassVar[bool] = False
@@ -231,6 +334,10 @@ class Constraint:
     calibration_note: ClassVar[str] = ""
     # save_model() / load_model() replace the trainer's own model save and resume load (see the module docstring)
     owns_model_save: ClassVar[bool] = False
+    # modify_model() works on the run's LoRA adapters: the trainer must train a LoRA / QLoRA adapter
+    requires_lora_adapter: ClassVar[bool] = False
+    # the method acts inside the LoRA modules' forward: fused LoRA kernels that bypass it must be off
+    requires_unfused_lora: ClassVar[bool] = False
 
     def __init__(self, config: ConstraintConfig, artifact: Artifact | None):
         self.config = config
@@ -243,24 +350,18 @@ class Constraint:
         for comp in self.requires:
             artifact.component(comp)  # raises a clear ArtifactError when missing
 
-    # -- benchmark
-    @classmethod
-    def benchmark_configs(cls) -> dict[str, dict]:
-        """``{row label: config section}`` rows this constraint contributes to ``safeguard bench`` (none by default)."""
-        return {}
-
-    @classmethod
-    def combined_benchmark_config(cls, config: dict, others: dict[str, type[Constraint]]) -> dict:
-        """This constraint's section in the benchmark's "all combined" row, given the other constraints in it
-        (``{name: class}``): adjust ``config`` (its first benchmark row) to stay compatible with them."""
-        return config
-
     # -- calibration (offline)
     @classmethod
-    def calibrate(cls, ctx: Any, artifact: Artifact) -> None:
+    def calibrate(cls, ctx: CalibrationContext, artifact: Artifact) -> None:
         """Add this constraint's components to ``artifact`` (see :mod:`safeguard_plugin.calibration`)."""
 
     # -- before training
+    @classmethod
+    def check_training(cls, config: ConstraintConfig, setup: TrainingSetup) -> None:
+        """Raise :class:`~safeguard_plugin.errors.ConfigError` when the trainer's set-up cannot work with this
+        constraint (called by the integrations before training; the capability flags above are checked by the
+        integrations themselves)."""
+
     def layers(self) -> list[int]:
         """Decoder layers whose outputs the penalty needs (empty: no penalty)."""
         return []
@@ -279,7 +380,7 @@ class Constraint:
                    progress: bool = True) -> int:
         """Per-example values computed once before training from the training batches (collated dicts with
         ``input_ids`` and, from the trainers, ``labels`` / ``attention_mask``), while the original weights are
-        reachable (``ctx.engine.reference()``). Called by ``engine.precompute_references``; returns how many
+        reachable (``ctx.runtime.reference()``). Called by ``engine.precompute_references``; returns how many
         new examples were processed."""
         return 0
 
@@ -292,7 +393,7 @@ class Constraint:
         """Called before ``penalty`` for the same micro-batch, before the engine gathers the LM head (ZeRO-3): the
         place for extra forwards (``batch.reference_hidden``, cached for ``penalty``). Under ZeRO-3 with several
         ranks forwards are collective: every rank must run the same number of them here
-        (``batch.engine.collective_forwards``)."""
+        (``batch.runtime.collective_forwards``)."""
 
     def penalty(self, batch: BatchView) -> torch.Tensor | None:
         """Scalar penalty for this micro-batch (already weighted), or None when it does not apply."""

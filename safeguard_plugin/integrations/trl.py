@@ -24,8 +24,10 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import SafeguardConfig
+from ..constraints.base import TrainingSetup
 from ..engine import SafeguardEngine, SafeguardRuntimeError
 from ..modeling import is_peft_model, unwrap_model
+from ..registry import get_constraint
 
 logger = logging.getLogger("safeguard_plugin")
 
@@ -64,6 +66,25 @@ def _resume_checkpoint(callback: TrainerCallback, max_depth: int = 40) -> str | 
     return None
 
 
+def training_setup(trainer, model) -> TrainingSetup:
+    """The trainer's set-up as ``Constraint.check_training`` sees it: the PEFT method of ``model``'s active adapter
+    (``"qlora"`` for LoRA on a 4-/8-bit base), and whether TRL packs several examples into a row (``packing`` or
+    ``padding_free``)."""
+    adapter = None
+    if model is not None and is_peft_model(model):
+        peft = unwrap_model(model)
+        active = getattr(peft, "active_adapter", "default")
+        cfg = getattr(peft, "peft_config", {}).get(active if isinstance(active, str) else "default")
+        kind = getattr(cfg, "peft_type", None)
+        adapter = str(getattr(kind, "value", kind) or "peft").lower()
+        base = peft.get_base_model() if hasattr(peft, "get_base_model") else peft
+        if adapter == "lora" and (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+            adapter = "qlora"
+    args = getattr(trainer, "args", None)
+    packing = bool(getattr(args, "packing", False) or getattr(args, "padding_free", False))
+    return TrainingSetup(adapter=adapter, packing=packing, framework="trl")
+
+
 def loss_is_scaled_for_ga(trainer, num_items_in_batch) -> bool:
     """Mirror of transformers' ``Trainer.training_step`` rule: is the loss already divided for accumulation?"""
     flag = getattr(trainer, "loss_is_scaled_for_ga", None)
@@ -76,27 +97,49 @@ def loss_is_scaled_for_ga(trainer, num_items_in_batch) -> bool:
 class SafeguardCallback(TrainerCallback):
     """Adds the configured safeguard constraints to any transformers/TRL ``Trainer``.
 
+    Two ways to attach it:
+
+    * ``Trainer(..., callbacks=[SafeguardCallback(config)])``: attached when the trainer finishes its ``__init__``
+      (the callback then finds its trainer on the call stack of that event).
+    * ``SafeguardCallback(config, trainer=trainer)`` then ``trainer.add_callback(...)``: attached to ``trainer.model``
+      at once (before the optimizer exists, so model surgery such as GuardSpace's applies), without looking for the
+      trainer on the stack.
+
     Args:
         config: YAML path, dict or :class:`SafeguardConfig` (see ``example_yamls/``).
         precompute_references: cache the original model's values for the whole training set at train
             begin (needed for full fine-tuning; under LoRA missing values are also filled lazily).
+        trainer: the trainer this callback serves; given, the callback binds to it now (see :meth:`bind`).
     """
 
-    def __init__(self, config: str | dict | SafeguardConfig, precompute_references: bool = True, _mode: str = "inject"):
+    def __init__(self, config: str | dict | SafeguardConfig, precompute_references: bool = True, _mode: str = "inject",
+                 *, trainer=None):
         self.engine = SafeguardEngine(config, mode=_mode)
         self.precompute_references = precompute_references
         self.trainer = None
         self._log_wrapped = False
         self.log = logger  # the Axolotl plugin routes messages to a logger Axolotl shows
         self._save_wrapped_for = None  # the trainer whose model saves/loads go through _model_save_owner()
+        if trainer is not None:
+            self.bind(trainer)
 
     # -- binding
-    def _bind(self, trainer, model, tokenizer) -> None:
+    def bind(self, trainer=None, model=None, tokenizer=None) -> None:
+        """Attach the engine to ``model`` (default: ``trainer.model``) with ``tokenizer`` (default: the trainer's
+        ``processing_class``): check the artifact against the model, build the constraints, run their model surgery,
+        hook the model; with a trainer, also route its logging and model saves through the constraints. Called by the
+        integrations (the trainer events, the Axolotl plugin, the trainer mixin) and safe to call again: binding the
+        model already bound is a no-op for the engine."""
+        if trainer is None:
+            trainer = self.trainer
+        if model is None and trainer is not None:
+            model = getattr(trainer, "model", None)
         if model is None:
             raise SafeguardRuntimeError("SafeguardCallback received no model from the Trainer; cannot attach")
         if trainer is not None:
             self.trainer = trainer
             tokenizer = tokenizer if tokenizer is not None else getattr(trainer, "processing_class", None)
+        self._check_training(self.trainer, model)
         self.engine.setup(model, getattr(tokenizer, "tokenizer", tokenizer))
         self._model_save_owner()  # two constraints replacing the model save: fail before step 1
         if self.trainer is not None and not self._log_wrapped:
@@ -116,6 +159,12 @@ class SafeguardCallback(TrainerCallback):
 
         trainer.log = log
         self._log_wrapped = True
+
+    def _check_training(self, trainer, model) -> None:
+        """Each enabled constraint's ``check_training`` on the trainer's set-up (before any model surgery)."""
+        setup = training_setup(trainer, model)
+        for name, section in self.engine.config.constraint_configs().items():
+            get_constraint(name).check_training(section, setup)
 
     # -- the trainer's own model saves and loads, for a constraint that owns them (Constraint.owns_model_save)
     def _model_save_owner(self):
@@ -200,14 +249,14 @@ class SafeguardCallback(TrainerCallback):
 
     # -- events
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
-        self._bind(_find_trainer(self), model, processing_class)
+        self.bind(self.trainer or _find_trainer(self), model, processing_class)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
         if self.trainer is None:
             self.trainer = _find_trainer(self)
         current = unwrap_model(self.trainer.model if self.trainer is not None else model)
         if self.engine.model is None or current is not self.engine.model:
-            self._bind(self.trainer, current, processing_class)
+            self.bind(self.trainer, current, processing_class)
         self.engine.begin_training(state.max_steps, args.gradient_accumulation_steps, state.global_step)
         if state.global_step > 0:  # resuming: the weights are no longer the original ones
             ckpt = _resume_checkpoint(self) or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -291,9 +340,8 @@ class SafeguardTrainerMixin:
         if safeguard is None:
             raise TypeError(f"{type(self).__name__} needs safeguard=<config path | dict | SafeguardConfig>")
         super().__init__(*args, **kwargs)
-        self.safeguard = SafeguardCallback(safeguard, _mode="collect")
+        self.safeguard = SafeguardCallback(safeguard, _mode="collect", trainer=self)  # binds to self.model now
         self.add_callback(self.safeguard)
-        self.safeguard._bind(self, self.model, self.processing_class)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

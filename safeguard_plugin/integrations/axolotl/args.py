@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from safeguard_plugin.config import ConfigError, SafeguardConfig, load_config
 from safeguard_plugin.registry import available_constraints
 
-# Axolotl's fused LoRA kernels compute q/k/v, o and the MLP without calling the LoRA modules' forward, so GuardSpace's
-# projected lora_A would never run. Axolotl 0.19 switches them on by default for `adapter: lora|qlora`, on CPU too.
+if TYPE_CHECKING:
+    from safeguard_plugin.constraints.base import Constraint, TrainingSetup
+
+# Axolotl's fused LoRA kernels compute q/k/v, o and the MLP without calling the LoRA modules' forward, so a constraint
+# that acts in that forward (Constraint.requires_unfused_lora) would never run. Axolotl 0.19 switches them on by default
+# for `adapter: lora|qlora`, on CPU too.
 FUSED_LORA_KERNELS = ("lora_qkv_kernel", "lora_o_kernel", "lora_mlp_kernel")
 LORA_ADAPTERS = ("lora", "qlora")
 
@@ -81,25 +85,51 @@ def validate_block(value: Any) -> SafeguardConfig:
     return cfg
 
 
-def uses_guardspace(block: Any) -> bool:
-    """Whether a (raw or validated) ``safeguard:`` block enables GuardSpace; False for an invalid block."""
+def enabled_constraints(block: Any) -> dict[str, type[Constraint]]:
+    """The constraint classes a (raw or validated) ``safeguard:`` block enables, by name; empty for an invalid block
+    (reported with the key's name by the field validator) or none."""
     if block is None:
-        return False
+        return {}
     try:
-        return "guardspace" in validate_block(plain(block)).constraint_configs()
+        names = validate_block(plain(block)).constraint_configs()
     except ValueError:
-        return False  # reported with the key's name by the field validator
+        return {}
+    registry = available_constraints()
+    return {n: registry[n] for n in names if n in registry}
 
 
-def guardspace_kernel_conflicts(cfg: Mapping) -> list[str]:
-    """The fused-kernel keys an Axolotl config sets to true (GuardSpace cannot run with them)."""
+def constraints_with(block: Any, capability: str) -> list[str]:
+    """The enabled constraints of ``block`` that declare ``capability`` (a ``Constraint`` class flag)."""
+    return [n for n, cls in enabled_constraints(block).items() if getattr(cls, capability, False)]
+
+
+def _keys(names: list[str]) -> str:
+    return ", ".join(f"safeguard.{n}" for n in names)
+
+
+def fused_kernel_conflicts(cfg: Mapping) -> list[str]:
+    """The fused-kernel keys an Axolotl config sets to true."""
     return [k for k in FUSED_LORA_KERNELS if cfg.get(k)]
 
 
-def kernels_message(keys: list[str]) -> str:
-    return (f"safeguard.guardspace: Axolotl's fused LoRA kernels ({', '.join(keys)}) bypass the LoRA modules' forward, "
-            "so GuardSpace's null-space projector would not apply; set "
-            + ", ".join(f"`{k}: false`" for k in keys) + " (or leave them unset: the plugin then switches them off)")
+def kernels_message(keys: list[str], names: list[str]) -> str:
+    return (f"{_keys(names)}: Axolotl's fused LoRA kernels ({', '.join(keys)}) bypass the LoRA modules' forward, which "
+            f"{', '.join(names)} acts in, so it would not apply; set " + ", ".join(f"`{k}: false`" for k in keys)
+            + " (or leave them unset: the plugin then switches them off)")
+
+
+def adapter_message(names: list[str], adapter: Any) -> str:
+    return (f"{_keys(names)}: needs `adapter: lora` (or `qlora`) under Axolotl, got adapter: {adapter!r}. "
+            f"{', '.join(names)} trains the run's LoRA adapters (rank `lora_r`, `lora_alpha`); without `adapter:` "
+            "Axolotl creates none and saves the whole model as a full fine-tune, which is not what was trained.")
+
+
+def training_setup(cfg: Mapping) -> TrainingSetup:
+    """An Axolotl config's set-up as ``Constraint.check_training`` sees it."""
+    from safeguard_plugin.constraints.base import TrainingSetup
+
+    return TrainingSetup(adapter=cfg.get("adapter") or None, packing=bool(cfg.get("sample_packing")),
+                         framework="axolotl")
 
 
 class SafeguardArgs(BaseModel):
@@ -116,31 +146,38 @@ class SafeguardArgs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _guardspace_axolotl_settings(cls, data: Any) -> Any:
-        """GuardSpace under Axolotl: a LoRA/QLoRA adapter, and Axolotl's fused LoRA kernels off.
+    def _constraint_axolotl_settings(cls, data: Any) -> Any:
+        """What the enabled constraints declare they need from the run (``Constraint`` capability flags), then each
+        one's ``check_training`` on the Axolotl settings:
 
-        Runs on Axolotl's whole config (this class is merged into it), after Axolotl's own auto-enabling of the
-        kernels: values still true here are switched off with a warning. The plugin's ``register`` hook (which
-        sees the YAML before validation) has already refused kernels the YAML sets to true explicitly.
+        * ``requires_lora_adapter``: ``adapter: lora|qlora``.
+        * ``requires_unfused_lora``: Axolotl's fused LoRA kernels off. Runs on Axolotl's whole config (this class is
+          merged into it), after Axolotl's own auto-enabling of the kernels: values still true here are switched off
+          with a warning. The plugin's ``register`` hook (which sees the YAML before validation) has already refused
+          kernels the YAML sets to true explicitly.
         """
-        if not isinstance(data, Mapping) or not uses_guardspace(data.get("safeguard")):
+        if not isinstance(data, Mapping):
             return data
-        if data.get("adapter") not in LORA_ADAPTERS:
-            raise ConfigError(
-                f"safeguard.guardspace: needs `adapter: lora` (or `qlora`) under Axolotl, got adapter: "
-                f"{data.get('adapter')!r}. GuardSpace re-initialises the run's LoRA adapters (rank `lora_r`, "
-                "`lora_alpha`) and adds the projector; without an adapter Axolotl would save a full model whose "
-                "layers it cannot reload."
-            )
-        on = guardspace_kernel_conflicts(data)
+        enabled = enabled_constraints(data.get("safeguard"))
+        if not enabled:
+            return data
+        needs_lora = [n for n, c in enabled.items() if c.requires_lora_adapter]
+        if needs_lora and data.get("adapter") not in LORA_ADAPTERS:
+            raise ConfigError(adapter_message(needs_lora, data.get("adapter")))
+        unfused = [n for n, c in enabled.items() if c.requires_unfused_lora]
+        on = fused_kernel_conflicts(data) if unfused else []
         if on:
             import logging
 
             logging.getLogger("axolotl.integrations.safeguard").warning(
-                "safeguard: guardspace: switching off %s (fused LoRA kernels bypass the LoRA forward, so the "
-                "null-space projector would not apply)", ", ".join(on))
+                "safeguard: %s: switching off %s (fused LoRA kernels bypass the LoRA forward, which %s acts in)",
+                ", ".join(unfused), ", ".join(on), ", ".join(unfused))
             data = dict(data)
             data.update({k: False for k in on})
+        sections = validate_block(plain(data["safeguard"])).constraint_configs()
+        setup = training_setup(data)
+        for name, constraint in enabled.items():
+            constraint.check_training(sections[name], setup)
         return data
 
     @field_validator("safeguard", mode="before")

@@ -4,19 +4,24 @@ Nothing of Axolotl's trainer is replaced (no ``get_trainer_cls``): the callback 
 ``inject`` mode, which puts the penalty's gradient inside the model's forward, so AxolotlTrainer's own
 ``compute_loss`` (and any other plugin's trainer) keeps working. Hooks used, in Axolotl's order:
 
-* ``register``          -- banner naming the active constraints (logger ``axolotl.integrations.safeguard``); with
-  GuardSpace, Axolotl's fused LoRA kernels are switched off here, before Axolotl's config validation would turn
-  them on (a YAML that sets them to true is refused, naming the keys). DeepSpeed without CUDA: opens the gloo process
-  group Axolotl would open with NCCL right after this hook (1 process; several are refused with the reasons).
-* ``get_input_args``    -- the nested ``safeguard:`` block (``args.SafeguardArgs``, our one schema, plus a config-level
-  check: GuardSpace needs ``adapter: lora|qlora`` and the fused kernels off).
+The plugin knows no constraint by name: what a constraint needs from the run is declared on its class
+(``Constraint`` capability flags and ``check_training``, see :mod:`safeguard_plugin.constraints.base`) and read here.
+
+* ``register``          -- banner naming the active constraints (logger ``axolotl.integrations.safeguard``); with a
+  constraint that ``requires_unfused_lora``, Axolotl's fused LoRA kernels are switched off here, before Axolotl's
+  config validation would turn them on (a YAML that sets them to true is refused, naming the keys). DeepSpeed without
+  CUDA: opens the gloo process group Axolotl would open with NCCL right after this hook (1 process; several are
+  refused with the reasons).
+* ``get_input_args``    -- the nested ``safeguard:`` block (``args.SafeguardArgs``, our one schema, plus config-level
+  checks: ``requires_lora_adapter`` needs ``adapter: lora|qlora``, ``requires_unfused_lora`` the fused kernels off,
+  and each constraint's ``check_training``).
 * ``pre_model_load``    -- before the model is built: refuse 4/8-bit loading without CUDA (bitsandbytes), fp16
   mixed precision (its loss scaling does not reach the injected penalty gradient), and
-  fused LoRA kernels that are still on with GuardSpace.
+  fused LoRA kernels that are still on with a constraint that ``requires_unfused_lora``.
 * ``pre_lora_load``     -- seed torch's RNG with the YAML's ``seed:`` (default 42) for the LoRA initialisation that
   follows (Axolotl 0.19 does not, and torch 2.13 starts every process from a random seed: see ``LORA_SEED_LINE``,
-  shown in the banner), with or without a ``safeguard:`` block; with GuardSpace or CWAC, calibrate a missing artifact
-  here (they need the base model's Linear layers, before LoRA wraps them), on a forked RNG.
+  shown in the banner), with or without a ``safeguard:`` block; with a constraint that ``calibrates_base_layers``,
+  calibrate a missing artifact here (the base model's Linear layers, before LoRA wraps them), on a forked RNG.
 * ``post_model_load``   -- model fully set up: if the artifact folder is missing, calibrate it there from the
   original weights (adapters disabled); under several processes once, on rank 0 (see ``ensure_artifact``). Not earlier: between ``post_model_build`` and LoRA loading Axolotl's
   attention may already be patched for its fused LoRA kernels and cannot run a forward.
@@ -24,13 +29,13 @@ Nothing of Axolotl's trainer is replaced (no ``get_trainer_cls``): the callback 
   precomputes reference values at train begin through Axolotl's dataloader/collator, scales the injected
   gradient by ``1/gradient_accumulation_steps``, runs after-step work in ``on_step_end``, adds its metrics to
   the trainer's normal step logs (``trainer.log``); the trainer's own saves (every ``checkpoint-N``) write what a
-  constraint that owns the model save (GuardSpace) adds: a standard PEFT adapter with the projector folded in.
-* ``post_train`` (Axolotl calls it twice: before and after its own model save) -- with a constraint that owns the
-  model save (GuardSpace), the trained model is written into ``output_dir`` on both calls, in the layout of every
-  ``checkpoint-N``: ``adapter_config.json`` + ``adapter_model.safetensors`` (standard PEFT, rank 2r, projector folded
-  in) and ``guardspace.json`` + ``guardspace.safetensors``, directly in the folder (same files both times; the second
-  call replaces the rank-r adapter Axolotl's own ``model.save_pretrained`` wrote, which lacks the projector and the
-  residual); once: detach hooks, write ``safeguard_run.json`` to ``output_dir``.
+  constraint that ``owns_model_save`` adds (e.g. GuardSpace: a standard PEFT adapter with the projector folded in).
+* ``post_train`` (Axolotl calls it twice: before and after its own model save) -- with a constraint that
+  ``owns_model_save``, the trained model is written into ``output_dir`` on both calls, in the layout of every
+  ``checkpoint-N`` (``Constraint.save_model``; e.g. GuardSpace: a standard PEFT adapter with the projector folded in
+  plus its own files), directly in the folder (same files both times; the second call replaces what Axolotl's own
+  ``model.save_pretrained`` wrote, which lacks what the constraint adds); once: detach hooks, write
+  ``safeguard_run.json`` to ``output_dir``.
 """
 
 from __future__ import annotations
@@ -62,10 +67,10 @@ from safeguard_plugin.modeling import is_peft_model
 from ...errors import ConfigError, SafeguardRuntimeError
 from .args import (
     FUSED_LORA_KERNELS,
-    guardspace_kernel_conflicts,
+    constraints_with,
+    fused_kernel_conflicts,
     kernels_message,
     plain,
-    uses_guardspace,
     validate_block,
 )
 from .guard import ENTRY_POINT_NAME, PLUGIN_PATH, guard_installed, offline_telemetry_off
@@ -104,10 +109,7 @@ ZERO3_MESSAGE = (
 
 def _calibrates_base_layers(sg: SafeguardConfig) -> bool:
     """Some enabled constraint calibrates on the plain Linear layers (``Constraint.calibrates_base_layers``)."""
-    from safeguard_plugin.registry import available_constraints
-
-    registry = available_constraints()
-    return any(getattr(registry.get(n), "calibrates_base_layers", False) for n in sg.constraint_configs())
+    return bool(constraints_with(sg, "calibrates_base_layers"))
 
 
 @contextlib.contextmanager
@@ -152,10 +154,10 @@ def _calibrate(cfg: Any, sg: SafeguardConfig, model: torch.nn.Module, tokenizer,
              "(cached there for later runs)%s", path, cfg.get("base_model"),
              f"; rank 0 of {world_size()} computes it, the other ranks wait" if is_distributed() else "")
     with user_rng_untouched(), model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
-        # only what this block uses (e.g. GuardSpace needs the base model before LoRA and is heavy)
+        # only what this block uses (some constraints need the base model before LoRA and are heavy)
         art = calibrate(model, tokenizer, load_prompts("harmful"), load_prompts("harmless"), path,
                         model_id=str(cfg.get("base_model")), constraints=list(sg.constraint_configs()),
-                        constraint_configs=sg.constraint_configs(),  # e.g. guardspace max_prompts, null_energy
+                        constraint_configs=sg.constraint_configs(),  # the sections' calibration options
                         progress=True)
     LOG.info("safeguard: wrote artifact\n%s", art.summary())
 
@@ -217,16 +219,17 @@ def _describe(sg: SafeguardConfig) -> list[str]:
     return lines
 
 
-def switch_off_fused_kernels(cfg: Any) -> str:
-    """GuardSpace: set Axolotl's fused LoRA kernel keys the YAML leaves unset to false (before Axolotl's validation
-    turns them on); refuse keys set to true. Returns the banner line."""
-    explicit = guardspace_kernel_conflicts(cfg)
+def switch_off_fused_kernels(cfg: Any, names: list[str]) -> str:
+    """Constraints ``names`` act in the LoRA modules' forward (``requires_unfused_lora``): set Axolotl's fused LoRA
+    kernel keys the YAML leaves unset to false (before Axolotl's validation turns them on); refuse keys set to true.
+    Returns the banner line."""
+    explicit = fused_kernel_conflicts(cfg)
     if explicit:
-        raise ConfigError(kernels_message(explicit))
+        raise ConfigError(kernels_message(explicit, names))
     unset = [k for k in FUSED_LORA_KERNELS if cfg.get(k) is None]
     for k in unset:
         cfg[k] = False
-    return (f"  guardspace: fused LoRA kernels {', '.join(FUSED_LORA_KERNELS)} off"
+    return (f"  {', '.join(names)}: fused LoRA kernels {', '.join(FUSED_LORA_KERNELS)} off"
             + (f" (switched off by the plugin: {', '.join(unset)})" if unset else ""))
 
 
@@ -367,8 +370,8 @@ class SafeguardPlugin(BasePlugin):
                 lines += _describe(validate_block(plain(block)))
             except ValueError:  # reported with the key's name when Axolotl validates the config
                 lines.append(f"  safeguard: {dict(plain(block))} (invalid; see the validation error)")
-        if block is not None and uses_guardspace(block):
-            lines.append(switch_off_fused_kernels(cfg))
+        if block is not None and (unfused := constraints_with(block, "requires_unfused_lora")):
+            lines.append(switch_off_fused_kernels(cfg, unfused))
         if block is not None and cfg.get("gradient_checkpointing"):
             lines.append(non_reentrant_checkpointing(cfg))
         if (line := open_cpu_process_group(cfg)) is not None:
@@ -402,10 +405,10 @@ class SafeguardPlugin(BasePlugin):
             )
         if cfg.get("fp16"):
             raise ConfigError(FP16_MESSAGE)
-        if "guardspace" in sg.constraint_configs():
-            on = guardspace_kernel_conflicts(cfg)
-            if on:  # too late to switch off: Axolotl patched the attention class before this hook
-                raise ConfigError(kernels_message(on))
+        unfused = constraints_with(sg, "requires_unfused_lora")
+        on = fused_kernel_conflicts(cfg) if unfused else []
+        if on:  # too late to switch off: Axolotl patched the attention class before this hook
+            raise ConfigError(kernels_message(on, unfused))
         # gradient checkpointing works non-reentrant: the layer hooks only store activations (recomputation
         # re-stores the same values) and the penalty is attached at the final norm, outside every checkpointed layer
         if cfg.get("gradient_checkpointing") and _reentrant(cfg):
@@ -419,8 +422,8 @@ class SafeguardPlugin(BasePlugin):
         torch.manual_seed(lora_seed(cfg))
         sg = safeguard_block(cfg)
         if sg is not None and _calibrates_base_layers(sg):
-            # GuardSpace and CWAC calibrate on the base model's own Linear layers, before Axolotl wraps them in LoRA;
-            # the fused kernels that would make this forward fail here are off with GuardSpace (see register)
+            # calibration on the base model's own Linear layers, before Axolotl wraps them in LoRA; the fused kernels
+            # that would make this forward fail here are off for constraints that act in the LoRA forward (register)
             ensure_artifact(cfg, sg, model)
 
     def post_model_load(self, cfg, model):
@@ -435,12 +438,11 @@ class SafeguardPlugin(BasePlugin):
             return []
         if self.callback is not None and self.callback.trainer is trainer:
             return []  # already attached to this trainer
-        callback = SafeguardCallback(sg)
+        # bound now (trainer=), not at train begin: artifact/model mismatches fail before any step, and the engine
+        # hooks the very model object the trainer will call (PEFT-wrapped under LoRA)
+        callback = SafeguardCallback(sg, trainer=trainer)
         callback.log = LOG  # Axolotl shows INFO only for `axolotl.*` loggers
         callback.engine.data_format_hint = AXOLOTL_DATA_FORMAT_HINT  # what to change in the YAML, not a TRL script
-        # bind now, not at train begin: artifact/model mismatches fail before any step, and the engine hooks the
-        # very model object the trainer will call (PEFT-wrapped under LoRA)
-        callback._bind(trainer, trainer.model, getattr(trainer, "processing_class", None))
         model = callback.engine.model
         LOG.info("safeguard: attached to %s training %s%s; gradient accumulation %s handled by the engine%s",
                  type(trainer).__name__, type(model).__name__, " (PEFT adapters)" if is_peft_model(model) else "",
@@ -457,11 +459,12 @@ class SafeguardPlugin(BasePlugin):
         engine = self.callback.engine
         if out_dir and main:
             # both calls: the second comes after Axolotl's own save (model.save_pretrained, not the trainer's _save),
-            # whose rank-r adapter_model.safetensors lacks GuardSpace's projector and residual; the owner's save (the
-            # checkpoints' layout: exported rank-2r adapter + guardspace files, identical outputs) replaces it. The
-            # first call detached the engine: the second re-binds the trained model for the save.
+            # which lacks what the constraint that owns the model save adds; the owner's save (the checkpoints' layout,
+            # identical outputs) replaces it. The first call detached the engine: the second re-binds the trained
+            # model for the save.
             if self._finished and self._adapter_dirs:
-                LOG.info("safeguard: writing the GuardSpace adapter over the one Axolotl saved (it lacks the projector)")
+                LOG.info("safeguard: writing the trained model over the one Axolotl saved (it lacks what the constraint "
+                         "that owns the model save adds)")
             with _model_bound(engine, self._trained_model):
                 self._adapter_dirs = self.callback.save_adapters(out_dir) or self._adapter_dirs
         if self._finished:

@@ -1,51 +1,12 @@
-"""ProCon (arXiv 2509.06795): keep each training example's projection on the refusal direction.
-
-penalty = λ(t) · mean over examples, layers l, positions p of ((⟨h_θ[l,p], r[l,p]⟩ − ⟨h_θ0[l,p], r[l,p]⟩) / s[l,p])²
-
-* r: unit refusal direction from the artifact; s: pooled std of calibration projections (``normalize``),
-  so λ is comparable across layers and models.
-* ⟨h_θ0, r⟩ is cached once per distinct prompt (adapter-disabled model under LoRA, or a pre-training
-  pass for full fine-tuning): no second model copy, no extra forward per step.
-* λ(t): ``weight × warmup_factor`` during warm-up (the first ``warmup_steps`` or ``warmup_ratio`` of the
-  run), then ``weight``; ``schedule: linear`` decays from one to the other over the warm-up instead.
-"""
+"""The ProCon constraint: the refusal-direction projection penalty."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 
-from ..errors import ConfigError
-from .base import BatchView, Constraint, ConstraintConfig, PenaltyWeight, TrainContext, check_effective_weight
-
-
-class ProConConfig(ConstraintConfig):
-    weight: PenaltyWeight = Field(100.0, description="λ after warm-up (penalty on std-normalised projections).")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of the run with the strong constraint.")
-    warmup_steps: int | None = Field(None, ge=0, description="Warm-up length in optimizer steps (overrides the ratio).")
-    warmup_factor: float = Field(10.0, ge=1, description="λ multiplier during warm-up.")
-    schedule: Literal["step", "linear"] = Field("step", description="Warm-up shape: constant then drop, or linear decay.")
-    layers: list[int] | Literal["auto", "all"] = Field(
-        "auto", description="Layers to constrain: 'auto' = the artifact's selected layers, 'all', or a list."
-    )
-    positions: Literal["selected", "last", "all"] = Field(
-        "selected", description="Post-instruction positions: the artifact's best one, the last one, or all."
-    )
-    normalize: bool = Field(True, description="Divide projection changes by their calibration std.")
-
-    @model_validator(mode="after")
-    def _warmup_weight_fits(self) -> ProConConfig:
-        check_effective_weight(f"weight × warmup_factor ({self.weight:g} × {self.warmup_factor:g}, the λ during warm-up)",
-                               self.weight * self.warmup_factor)
-        return self
-
-    def noop_reason(self) -> str | None:
-        if self.weight == 0:
-            return ("procon.weight is 0: ProCon adds no penalty, so this run trains exactly as it would without the "
-                    "procon section; set a weight > 0 (default 100) or remove the section")
-        return None
+from ...errors import ConfigError
+from ..base import BatchView, CalibrationContext, Constraint, TrainContext
+from .config import ProConConfig
 
 
 class ProCon(Constraint):
@@ -88,12 +49,12 @@ class ProCon(Constraint):
         return self._layers
 
     def validate_model(self, model: torch.nn.Module) -> None:
-        from ..modeling import find_decoder_layers
+        from ...modeling import find_decoder_layers
 
         n = len(find_decoder_layers(model))
         if max(self._layers) >= n:
             raise ConfigError(f"procon: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
-        from ..distributed import param_shape
+        from ...distributed import param_shape
 
         d = param_shape(model.get_input_embeddings().weight)[-1]
         if self.r.shape[-1] != d:
@@ -155,11 +116,7 @@ class ProCon(Constraint):
         return out
 
     @classmethod
-    def benchmark_configs(cls) -> dict[str, dict]:
-        return {"procon": {"weight": 100.0, "warmup_ratio": 0.1, "warmup_factor": 10.0}}
-
-    @classmethod
-    def calibrate(cls, ctx, artifact) -> None:
-        from ..calibration import refusal_direction
+    def calibrate(cls, ctx: CalibrationContext, artifact) -> None:
+        from ...calibration import refusal_direction
 
         refusal_direction(ctx, artifact)

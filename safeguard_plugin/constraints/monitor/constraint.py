@@ -1,69 +1,21 @@
-"""Live safety monitor: measure the model's safety signals during training and act when they degrade.
-
-No loss term. Every ``every_n_steps`` optimizer steps (and at the last step) the monitor measures, with
-the model in eval mode under ``no_grad`` (the engine's penalty hooks are inactive then):
-
-* **cosine**: per selected layer l, cos(mean_harmful h[l] - mean_harmless h[l], r[l]) at the artifact's
-  selected post-instruction position, on the held-out monitor prompts; ``monitor_cosine`` is the mean
-  over the artifact's selected layers. Alert when it falls below ``min_cosine``.
-* **refusal score**: mean generation-free refusal log-odds (:func:`safeguard_plugin.eval.refusal_scores`)
-  on the harmful prompts. Alert when it drops by more than ``max_score_drop`` from train begin.
-* **projection shift**: mean (prompts, selected layers) projection of the harmful activations on r, in
-  calibration std units, minus its train-begin value. Alert when ``|shift| > max_projection_shift``.
-
-Cost per check: one forward over ``2 × n_prompts`` prompts that stops after the last selected layer, plus
-one full forward over ``n_prompts`` prompts for the refusal score.
-
-On an alert: ``warn`` warns (``warnings.warn`` + log); ``stop`` also sets ``engine.stop_reason`` so the
-integration ends training; ``restore`` first copies the last safe trainable weights (a CPU snapshot
-taken at train begin and refreshed after every passing check) back into the model, then stops.
-"""
+"""The live safety monitor: periodic measurements of the refusal direction and score, and the alert actions."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
-from ..distributed import broadcast_object, get_full_param, set_full_param
-from ..errors import ConfigError, SafeguardRuntimeError
-from .base import Constraint, ConstraintConfig, TrainContext
+from ...distributed import broadcast_object, get_full_param, set_full_param
+from ...errors import ConfigError, SafeguardRuntimeError
+from ..base import CalibrationContext, Constraint, TrainContext
+from .config import SafetyMonitorConfig
 
 logger = logging.getLogger("safeguard_plugin")
 
 _CHUNK = 64  # rows per forward when capturing activations (2 × n_prompts rows ≤ 64 -> one forward)
-
-
-class SafetyMonitorConfig(ConstraintConfig):
-    every_n_steps: int = Field(10, ge=1, description="Measure every N optimizer steps (and at the last step).")
-    n_prompts: int = Field(32, ge=1, le=4096, description="Held-out prompts per set used for each measurement.")
-    prompts: str = Field("harmful", description="Harmful prompt set spec (shipped name, file or HF id); its held-out part is used.")
-    harmless_prompts: str = Field(
-        "harmless", description="Harmless comparison prompt set spec for the current refusal direction (held-out part)."
-    )
-    min_cosine: float | None = Field(
-        0.5, ge=-1, le=1,
-        description="Alert if the mean cosine between the current and the artifact's refusal direction falls below this.",
-    )
-    max_score_drop: float | None = Field(
-        2.0, ge=0, description="Alert if the mean refusal score (log-odds) on harmful prompts drops by more than this."
-    )
-    max_projection_shift: float | None = Field(
-        None, ge=0, description="Alert if the mean harmful projection on r moves by more than this (calibration std units)."
-    )
-    action: Literal["warn", "stop", "restore"] = Field(
-        "warn", description="On an alert: warn; stop training; or restore the last safe weights and stop."
-    )
-
-    @model_validator(mode="after")
-    def _need_threshold(self) -> SafetyMonitorConfig:
-        if self.min_cosine is None and self.max_score_drop is None and self.max_projection_shift is None:
-            raise ConfigError("set at least one of min_cosine, max_score_drop, max_projection_shift")
-        return self
 
 
 @dataclass
@@ -108,20 +60,20 @@ class SafetyMonitor(Constraint):
 
     # ------------------------------------------------------------------------------------------ setup
     def validate_model(self, model: torch.nn.Module) -> None:
-        from ..modeling import find_decoder_layers
+        from ...modeling import find_decoder_layers
 
         n = len(find_decoder_layers(model))
         if max(self._layers) >= n:
             raise ConfigError(f"monitor: artifact layer {max(self._layers)} does not exist (model has {n} layers)")
-        from ..distributed import param_shape
+        from ...distributed import param_shape
 
         d = param_shape(model.get_input_embeddings().weight)[-1]
         if self.r.shape[-1] != d:
             raise ConfigError(f"monitor: artifact direction has dimension {self.r.shape[-1]}, the model's hidden size is {d}")
 
     def _load_prompts(self, tokenizer) -> None:
-        from ..data import load_prompts
-        from ..modeling import pad_right, tokenize_prompts
+        from ...data import load_prompts
+        from ...modeling import pad_right, tokenize_prompts
 
         n = self.config.n_prompts
         self._harmful = load_prompts(self.config.prompts).heldout[:n]
@@ -136,9 +88,9 @@ class SafetyMonitor(Constraint):
         self._n_harm = len(self._harmful)
 
     def prepare(self, ctx: TrainContext) -> None:
-        from ..modeling import is_peft_model, reference_mode
+        from ...modeling import is_peft_model, reference_mode
 
-        tokenizer = ctx.engine.tokenizer
+        tokenizer = ctx.runtime.tokenizer
         if tokenizer is None:
             raise ConfigError("monitor: needs the tokenizer (pass it to SafeguardEngine.setup / the Trainer)")
         if tokenizer.pad_token_id is None:
@@ -173,8 +125,8 @@ class SafetyMonitor(Constraint):
     # ------------------------------------------------------------------------------------- measuring
     @torch.no_grad()
     def _measure(self, model: torch.nn.Module, tokenizer) -> Measurement:
-        from ..eval import refusal_scores
-        from ..modeling import capture_layers, run_until
+        from ...eval import refusal_scores
+        from ...modeling import capture_layers, run_until
 
         device = next(model.parameters()).device
         was_training = model.training
@@ -208,7 +160,7 @@ class SafetyMonitor(Constraint):
             return
         c, base = self.config, self._baseline
         # every rank measures (under ZeRO-3 forwards are collective); rank 0's values decide on all ranks
-        m = broadcast_object(self._measure(ctx.model, ctx.engine.tokenizer))
+        m = broadcast_object(self._measure(ctx.model, ctx.runtime.tokenizer))
         cos, drop, shift = m.mean_cosine, base.score - m.score, m.projection - base.projection
         self._pending = {"monitor_cosine": cos, "monitor_refusal_score": m.score, "monitor_score_drop": drop,
                          "monitor_projection_shift": shift}
@@ -237,7 +189,7 @@ class SafetyMonitor(Constraint):
             msg += f"; restored the trainable weights of step {self._safe_step} (last safe check)"
         if c.action in ("stop", "restore"):
             msg += "; training stopped"
-            ctx.engine.stop_reason = msg
+            ctx.runtime.request_stop(msg)
         logger.warning("safeguard: %s", msg)
         warnings.warn(f"safeguard: {msg}", stacklevel=2)
 
@@ -258,10 +210,7 @@ class SafetyMonitor(Constraint):
         return out
 
     @classmethod
-    def calibrate(cls, ctx, artifact) -> None:
-        from ..calibration import refusal_direction
+    def calibrate(cls, ctx: CalibrationContext, artifact) -> None:
+        from ...calibration import refusal_direction
 
         refusal_direction(ctx, artifact)
-
-
-__all__ = ["Measurement", "SafetyMonitor", "SafetyMonitorConfig"]

@@ -1,56 +1,4 @@
-"""Risk-adaptive KL regularisation ("Learning to Stay Safe", arXiv 2602.17546).
-
-Each training example gets a risk score s ∈ [1, 5] (:mod:`safeguard_plugin.risk`: activation probe, LLM judge,
-keyword judge, constant, or a third-party estimator) and its own weights
-
-    w_kl = clamp((s − 2) / 3, 0.1, 0.9),   w_sft = clamp(1 − w_kl, 0.1, 0.9),
-    loss = Σ_b Σ_{t ∈ resp(b)} [w_sft,b · CE_t + w_kl,b · KL_t(π_ref ‖ π_θ)] / N
-
-over the response tokens (labels != -100, shifted as in the causal-LM loss), N = response tokens in the
-micro-batch. With ``risk_floor`` set, an example with s < risk_floor drops its KL term and trains as in plain
-SFT (w_sft = 1, w_kl = 0); a micro-batch whose examples are all below the floor costs nothing (no reference
-forward, no extra LM-head work), so its step is plain SFT's. Default: no floor (the paper's KL weight never
-drops below 0.1).
-
-How it reaches the gradient: the trainer already computes the plain token-mean CE (TRL 1.16 through its fused
-LM head, ignoring ``outputs.loss``), so this constraint adds the *correction*
-
-    Σ_t (w_sft,b − 1) · CE_t / N + Σ_t w_kl,b · KL_t / N,
-
-computed from the final hidden states (the final norm's output) through the LM head at the response positions
-only, in token chunks with the gradient formed in the same pass (d/dlogits = a·(q − e_y) + c·(q − p_ref)), so
-the (tokens × vocab) logits are never materialised; within a chunk everything over the vocabulary is computed in
-place in at most three float32 buffers. The engine injects it like every penalty (identity autograd
-on the final hidden states, or the mixin's loss). Approximation: the trainer divides CE by the token count of the
-whole accumulated batch (``num_items_in_batch``), the correction by the micro-batch's count and by the number of
-accumulation steps; the two agree when micro-batches hold equally many response tokens (always at gradient
-accumulation 1 on one device), otherwise the weights are per micro-batch rather than per accumulated batch.
-
-Reference policy π_ref (``reference``):
-
-* ``live`` (LoRA / QLoRA; ``auto`` picks it for PEFT models): a no-grad forward of the *same* micro-batch with
-  the adapter disabled, only over the rows whose w_kl > 0 and only up to their last response token; exact KL;
-  no model copy. It is skipped for micro-batches without such rows.
-* ``precomputed`` (full fine-tuning; ``auto`` picks it without PEFT): before the first update, one forward of
-  the original weights over every example with w_kl > 0 stores, per response token, the top-``ref_top_k``
-  log-probabilities and the log of the remaining mass (keyed by the example's tokens, saved with checkpoints).
-  The KL is then taken between the two distributions coarse-grained to {top-k tokens, "everything else"}:
-  exact when the reference puts its mass on its top-k (the usual case at k = 32), otherwise a lower bound of the
-  full KL that is still 0 iff π_θ matches π_ref on those buckets. Chosen over a frozen copy because a copy
-  doubles weight memory (a 7B model in bf16: +14 GB) and adds a forward every step, while the cache costs
-  ``8·k`` bytes per risky response token on the CPU (k = 32: 256 B; 1000 examples × 500 tokens ≈ 128 MB)
-  and nothing per step. Also usable under LoRA (``reference: precomputed``) to skip the per-batch forward (the
-  cheaper choice when the live forward's cost matters: see README "Measured"). An example first seen during
-  training (streaming data) gets its cache entry then, from one reference forward of its micro-batch, while the
-  original weights are reachable (LoRA: always; full fine-tuning: before the first update; not under ZeRO-3 with
-  several ranks); otherwise its KL term is dropped and counted (akl_ref_missing).
-
-Risk scores are computed once per example before training (``precompute``, with a progress bar) and cached by
-example hash (the non-padding token ids and the trained-label mask); an example first seen during training
-(streaming data) is scored then, while the original weights are reachable. Metrics (``safeguard/`` prefix):
-akl_risk_mean, akl_w_kl_mean, akl_kl (token-mean KL), akl_ce (token-mean CE of the weighted tokens),
-akl_ref_forwards (reference forwards this logging period), akl_judge_fallbacks (cumulative).
-"""
+"""The adaptive KL constraint: per-example risk weights and the chunked LM-head CE/KL objective."""
 
 from __future__ import annotations
 
@@ -58,15 +6,14 @@ import hashlib
 import logging
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, ValidationError, model_validator
 
-from ..config import errors_at
-from ..errors import ConfigError, SafeguardRuntimeError
-from ..risk import RiskContext, RiskExample, available_risk_estimators, clamp_risk, get_risk_estimator
-from .base import BatchView, Constraint, ConstraintConfig, OutputHead, TrainContext
+from ...errors import ConfigError, SafeguardRuntimeError
+from ...risk import RiskContext, RiskExample, available_risk_estimators, clamp_risk, get_risk_estimator
+from ..base import BatchView, CalibrationContext, Constraint, OutputHead, Runtime, TrainContext, TrainingSetup
+from .config import AdaptiveKLConfig
 
 logger = logging.getLogger("safeguard_plugin")
 
@@ -85,43 +32,6 @@ def risk_weights(s: torch.Tensor | float | list[float], risk_floor: float | None
         w_kl = torch.where(below, torch.zeros_like(w_kl), w_kl)
         w_sft = torch.where(below, torch.ones_like(w_sft), w_sft)
     return w_sft, w_kl
-
-
-class AdaptiveKLConfig(ConstraintConfig):
-    risk: str = Field("probe", description="Risk estimator: probe | judge | keyword | constant | a registered third-party one.")
-    risk_options: dict[str, Any] = Field(
-        default_factory=dict, description="The estimator's own settings, e.g. {model: <chat model>} for judge, {score: 5} "
-                                          "for constant.")
-    risk_floor: float | None = Field(
-        None, ge=1, le=5, description="Examples with s below this drop the KL term and train as plain SFT (no reference "
-                                      "forward). None (default, as the paper): KL weight never below 0.1.")
-    reference: Literal["auto", "live", "precomputed"] = Field(
-        "auto", description="π_ref: 'live' = adapter-disabled forward per batch (PEFT only), 'precomputed' = top-k "
-                            "reference log-probs cached before training; 'auto' = live for PEFT, precomputed otherwise.")
-    ref_top_k: int = Field(32, ge=1, description="Reference log-probs kept per response token ('precomputed').")
-    missing_risk: float = Field(
-        5.0, ge=1, le=5, description="Score for an example that cannot be scored any more (full fine-tuning, first seen "
-                                     "after the first update, with a probe): high risk, recall first. Counted.")
-    chunk_tokens: int | None = Field(None, ge=1, description="Response tokens per LM-head chunk (default: 2^23 / vocab).")
-
-    @model_validator(mode="after")
-    def _check_risk(self) -> AdaptiveKLConfig:
-        try:
-            cls = get_risk_estimator(self.risk)
-        except ConfigError:
-            raise ConfigError(f"risk: unknown estimator '{self.risk}'; registered: "
-                             f"{', '.join(available_risk_estimators())}") from None
-        try:
-            cls.config_class.model_validate(self.risk_options, strict=True)
-        except ValidationError as err:  # errors name risk_options' keys: adaptive_kl.risk_options.<key>
-            raise ValidationError.from_exception_data(type(self).__name__, errors_at(err, "risk_options")) from None
-        return self
-
-    def no_penalty_reason(self) -> str | None:
-        if self.risk_floor is not None:
-            return (f"every training example scored below adaptive_kl.risk_floor ({self.risk_floor:g}), so all of them "
-                    "trained as plain SFT, as configured")
-        return None
 
 
 # ------------------------------------------------------------------------------------------ the LM-head term
@@ -246,7 +156,7 @@ class AdaptiveKL(Constraint):
         self.estimator = est_cls(est_cls.config_class.model_validate(config.risk_options), artifact)
         self._risk: dict[bytes, float] = {}
         self._ref: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._engine = None
+        self._runtime: Runtime | None = None
         self._mode: str | None = None
         self.n_ref_forwards = 0  # cumulative live reference forwards
         self.n_risk_missing = 0
@@ -259,7 +169,7 @@ class AdaptiveKL(Constraint):
         self._p = {"rows": 0, "risk": 0.0, "w_kl": 0.0, "ce": 0.0, "ce_n": 0, "kl": 0.0, "kl_n": 0, "ref": 0}
 
     def validate_model(self, model: torch.nn.Module) -> None:
-        from ..modeling import is_peft_model
+        from ...modeling import is_peft_model
 
         if self.config.reference == "live" and not is_peft_model(model):
             raise ConfigError("adaptive_kl.reference: 'live' needs a PEFT (LoRA/QLoRA) model, whose adapter-disabled "
@@ -267,19 +177,27 @@ class AdaptiveKL(Constraint):
         if hasattr(self.estimator, "validate_model"):
             self.estimator.validate_model(model)
 
-    def _bind(self, engine) -> None:
-        if engine is None or (self._engine is engine and self._mode is not None):
-            return
-        from ..modeling import is_peft_model
+    @classmethod
+    def check_training(cls, config: AdaptiveKLConfig, setup: TrainingSetup) -> None:
+        if setup.packing:
+            fix = {"axolotl": "set `sample_packing: false`", "trl": "set packing=False, padding_free=False"}.get(
+                setup.framework, "train one example per row")
+            raise ConfigError(f"adaptive_kl needs one example per row: packing / padding-free batches are not "
+                              f"supported ({fix})")
 
-        self._engine = engine
+    def _bind(self, runtime: Runtime | None) -> None:
+        if runtime is None or (self._runtime is runtime and self._mode is not None):
+            return
+        from ...modeling import is_peft_model
+
+        self._runtime = runtime
         mode = self.config.reference
         if mode == "auto":
-            mode = "live" if is_peft_model(engine.model) else "precomputed"
+            mode = "live" if is_peft_model(runtime.model) else "precomputed"
         self._mode = mode
 
     def prepare(self, ctx: TrainContext) -> None:
-        self._bind(ctx.engine)
+        self._bind(ctx.runtime)
 
     @property
     def reference_mode(self) -> str | None:
@@ -308,18 +226,18 @@ class AdaptiveKL(Constraint):
         return out
 
     def _risk_example(self, tok: torch.Tensor, lab: torch.Tensor) -> RiskExample:
-        from ..modeling import find_suffix_positions
+        from ...modeling import find_suffix_positions
 
         trained = (lab != -100).nonzero().flatten()
         first = int(trained[0]) if len(trained) else len(tok)
         if first == 0:  # every token trained (no prompt masking): split at the chat template's post-instruction tokens
-            suffix = self._engine.post_instruction_ids if self._engine is not None else []
+            suffix = self._runtime.post_instruction_ids if self._runtime is not None else []
             start = int(find_suffix_positions(tok.unsqueeze(0), suffix)[0]) if suffix else -1
             first = start + len(suffix) if start >= 0 else len(tok)
         prompt, response = tok[:first].tolist(), tok[first:][lab[first:] != -100].tolist()
         ex = RiskExample(prompt, response)
         if self.estimator.needs_text:
-            tokz = getattr(self._engine, "tokenizer", None)
+            tokz = getattr(self._runtime, "tokenizer", None)
             if tokz is None:
                 raise ConfigError(f"risk estimator '{self.estimator.name}' reads text: pass the tokenizer to the trainer")
             ex.prompt_text = tokz.decode(prompt, skip_special_tokens=True)
@@ -333,8 +251,8 @@ class AdaptiveKL(Constraint):
                 todo.setdefault(key, (tok, lab))
         if not todo:
             return 0
-        engine = self._engine
-        if self.estimator.needs_reference and (engine is None or not engine.reference_available()):
+        runtime = self._runtime
+        if self.estimator.needs_reference and (runtime is None or not runtime.reference_available()):
             self._warn_once("missing", f"{len(todo)} example(s) seen only after the first full fine-tuning update "
                                        f"cannot be scored by '{self.estimator.name}' (it reads the original model); "
                                        f"using missing_risk={self.config.missing_risk}. Precompute before training.")
@@ -342,8 +260,8 @@ class AdaptiveKL(Constraint):
                 self._risk[key] = self.config.missing_risk
             self.n_risk_missing += len(todo)
             return len(todo)
-        ctx = RiskContext(model=getattr(engine, "model", None), tokenizer=getattr(engine, "tokenizer", None),
-                          reference=engine.reference if engine is not None else RiskContext.reference,
+        ctx = RiskContext(model=getattr(runtime, "model", None), tokenizer=getattr(runtime, "tokenizer", None),
+                          reference=runtime.reference if runtime is not None else RiskContext.reference,
                           batch_size=batch_size, progress=progress)
         examples = [self._risk_example(tok, lab) for tok, lab in todo.values()]
         scores = self.estimator.score(examples, ctx)
@@ -361,7 +279,7 @@ class AdaptiveKL(Constraint):
 
     # -- precompute (before training)
     def precompute(self, ctx: TrainContext, batches: list[dict[str, Any]], batch_size: int = 16, progress: bool = True) -> int:
-        self._bind(ctx.engine)
+        self._bind(ctx.runtime)
         items: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         for b in batches:
             for key, tok, lab in self._rows(b["input_ids"], b.get("labels"), b.get("attention_mask")):
@@ -389,17 +307,16 @@ class AdaptiveKL(Constraint):
     def _precompute_reference(self, rows, batch_size: int, progress: bool) -> int:
         from tqdm.auto import tqdm
 
-        from ..distributed import gathered, param_shape
-        from ..engine import output_head
-        from ..modeling import pad_right
+        from ...distributed import gathered, param_shape
+        from ...modeling import output_head, pad_right
 
         if not rows:
             return 0
-        engine = self._engine
-        head = output_head(engine.model)
+        runtime = self._runtime
+        head = output_head(runtime.model)
         vocab = param_shape(head.weight)[0]
         k = min(self.config.ref_top_k, vocab - 1)
-        device = next(engine.model.parameters()).device
+        device = next(runtime.model.parameters()).device
         rows = sorted(rows, key=lambda r: len(r[1]))
         for s in tqdm(range(0, len(rows), batch_size), desc="safeguard: adaptive_kl reference log-probs", unit="batch",
                       disable=not progress):
@@ -410,7 +327,7 @@ class AdaptiveKL(Constraint):
                 labs[i, : len(r[2])] = r[2]
             tmask = torch.zeros_like(labs, dtype=torch.bool)
             tmask[:, :-1] = labs[:, 1:] != -100
-            h = engine.reference_hidden(ids.to(device), attention_mask=mask.to(device))
+            h = runtime.reference_hidden(ids.to(device), attention_mask=mask.to(device))
             sel = h[tmask.to(h.device)]
             idx_l, lp_l, lpT_l = [], [], []
             step = self._chunk(vocab)
@@ -434,8 +351,6 @@ class AdaptiveKL(Constraint):
 
     # -- training
     def penalty(self, batch: BatchView) -> torch.Tensor | None:
-        from ..engine import SafeguardRuntimeError
-
         if batch.hidden is None:
             return None
         if batch.labels is None and batch.forward_kwargs.get("shift_labels") is None:
@@ -446,7 +361,7 @@ class AdaptiveKL(Constraint):
             if bool((pos[:, 1:] == 0).any()):
                 raise SafeguardRuntimeError("adaptive_kl needs one example per row: packing / padding-free batches "
                                             "are not supported (set packing=False, padding_free=False)")
-        self._bind(batch.engine)
+        self._bind(batch.runtime)
         rows = self._rows(batch.input_ids, batch.labels, batch.attention_mask)
         self._score(rows)  # examples not seen in the pre-training pass (streaming data)
         s = self.risk_of(rows)
@@ -519,7 +434,7 @@ class AdaptiveKL(Constraint):
         with several ranks, so there a rank whose micro-batch needs none runs a one-token one (result unused)."""
         if batch.hidden is None or (batch.labels is None and batch.forward_kwargs.get("shift_labels") is None):
             return
-        self._bind(batch.engine)
+        self._bind(batch.runtime)
         if self._mode not in ("live", "precomputed"):
             return
         rows = self._rows(batch.input_ids, batch.labels, batch.attention_mask)
@@ -534,16 +449,16 @@ class AdaptiveKL(Constraint):
         if int(n_row.sum()) and bool(((w_sft != 1) | (w_kl != 0)).any()) and bool(kl_rows.any()):
             rid, last = _live_rows(kl_rows, mask)
             batch.reference_hidden(rid, length=last)
-        elif batch.engine is not None and batch.engine.collective_forwards:
+        elif batch.runtime is not None and batch.runtime.collective_forwards:
             batch.reference_hidden(torch.zeros(1, dtype=torch.long), length=1)
 
     def _fill_reference(self, batch: BatchView, rows, kl_rows: torch.Tensor) -> None:
         """Precomputed reference: top-k log-probs of KL rows first seen during training, computed now while the
         original weights are reachable (PEFT: always; full fine-tuning: before the first update). Not under ZeRO-3
         with several ranks (forwards are collective there): such rows drop their KL term in ``penalty``."""
-        engine = batch.engine
+        runtime = batch.runtime
         need = [rows[b] for b in kl_rows.nonzero().flatten().tolist() if rows[b][0] not in self._ref]
-        if not need or engine is None or engine.collective_forwards or not engine.reference_available():
+        if not need or runtime is None or runtime.collective_forwards or not runtime.reference_available():
             return
         self._precompute_reference(list({r[0]: r for r in need}.values()), batch_size=len(need), progress=False)
         self.n_ref_forwards += 1
@@ -590,17 +505,9 @@ class AdaptiveKL(Constraint):
                 self._ref[bytes.fromhex(k)] = (parts[0][j], parts[1][j], parts[2][j])
         self.n_ref_forwards = int(state.get("n_ref_forwards", self.n_ref_forwards))
 
-    # -- benchmark and calibration
+    # -- calibration
     @classmethod
-    def benchmark_configs(cls) -> dict[str, dict]:
-        # judge: the model being fine-tuned, adapters disabled (the reference policy), rates the examples: offline.
-        # The built-in 0.5B model fails the judge check (it rates harmful requests 1, arithmetic 5): the row runs it
-        # anyway, to show what a judge that was not validated does to training
-        return {"adaptive_kl_probe": {"risk": "probe"}, "adaptive_kl_keyword": {"risk": "keyword"},
-                "adaptive_kl_judge": {"risk": "judge", "risk_options": {"model": "reference", "validate_judge": False}}}
-
-    @classmethod
-    def calibrate(cls, ctx, artifact) -> None:
+    def calibrate(cls, ctx: CalibrationContext, artifact) -> None:
         """Calibrate every registered risk estimator that needs it (the built-in ``probe``: ``risk_probe``)."""
         for est in available_risk_estimators().values():
             est.calibrate(ctx, artifact)

@@ -1,0 +1,49 @@
+"""Adaptive KL settings (:class:`AdaptiveKLConfig`): the risk estimator and the reference policy."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from ...config import errors_at
+from ...errors import ConfigError
+from ...risk import available_risk_estimators, get_risk_estimator
+from ..base import ConstraintConfig
+
+
+class AdaptiveKLConfig(ConstraintConfig):
+    risk: str = Field("probe", description="Risk estimator: probe | judge | keyword | constant | a registered third-party one.")
+    risk_options: dict[str, Any] = Field(
+        default_factory=dict, description="The estimator's own settings, e.g. {model: <chat model>} for judge, {score: 5} "
+                                          "for constant.")
+    risk_floor: float | None = Field(
+        None, ge=1, le=5, description="Examples with s below this drop the KL term and train as plain SFT (no reference "
+                                      "forward). None (default, as the paper): KL weight never below 0.1.")
+    reference: Literal["auto", "live", "precomputed"] = Field(
+        "auto", description="π_ref: 'live' = adapter-disabled forward per batch (PEFT only), 'precomputed' = top-k "
+                            "reference log-probs cached before training; 'auto' = live for PEFT, precomputed otherwise.")
+    ref_top_k: int = Field(32, ge=1, description="Reference log-probs kept per response token ('precomputed').")
+    missing_risk: float = Field(
+        5.0, ge=1, le=5, description="Score for an example that cannot be scored any more (full fine-tuning, first seen "
+                                     "after the first update, with a probe): high risk, recall first. Counted.")
+    chunk_tokens: int | None = Field(None, ge=1, description="Response tokens per LM-head chunk (default: 2^23 / vocab).")
+
+    @model_validator(mode="after")
+    def _check_risk(self) -> AdaptiveKLConfig:
+        try:
+            cls = get_risk_estimator(self.risk)
+        except ConfigError:
+            raise ConfigError(f"risk: unknown estimator '{self.risk}'; registered: "
+                             f"{', '.join(available_risk_estimators())}") from None
+        try:
+            cls.config_class.model_validate(self.risk_options, strict=True)
+        except ValidationError as err:  # errors name risk_options' keys: adaptive_kl.risk_options.<key>
+            raise ValidationError.from_exception_data(type(self).__name__, errors_at(err, "risk_options")) from None
+        return self
+
+    def no_penalty_reason(self) -> str | None:
+        if self.risk_floor is not None:
+            return (f"every training example scored below adaptive_kl.risk_floor ({self.risk_floor:g}), so all of them "
+                    "trained as plain SFT, as configured")
+        return None
