@@ -1,8 +1,16 @@
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+
+# tests/plugins holds third-party-style constraint packages with their entry points (dist-info), e.g. the example
+# constraint of docs/adding-a-constraint.md: on sys.path before anything loads the registry, so every test that
+# iterates the registry covers them
+PLUGINS = Path(__file__).with_name("plugins")
+sys.path.insert(0, str(PLUGINS))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")

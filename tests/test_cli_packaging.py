@@ -55,7 +55,24 @@ def test_wheel_contains_integrations_and_entry_points(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, check=True)
     lines = res.stdout.strip().splitlines()
     assert all(line.startswith(str(tmp_path / "site")) for line in lines[:2]), lines
-    assert lines[2] == "safeguard_plugin.constraints.procon"
+    assert lines[2] == "safeguard_plugin.constraints.procon.constraint"
+    # every constraint the wheel declares (the registry of a fresh install, so a new one is covered unedited) imports
+    # from the wheel, is a Constraint and validates its default config
+    from importlib.metadata import EntryPoint
+
+    declared = [EntryPoint(*line.split(" = ", 1), "safeguard_plugin.constraints")
+                for line in (tmp_path / "site" / ep).read_text().split("[safeguard_plugin.constraints]")[1]
+                .split("[")[0].strip().splitlines()]
+    assert {e.name for e in declared} >= {"procon", "cwac", "guardspace", "adaptive_kl", "monitor"}
+    check = ("import sys, importlib; from safeguard_plugin.constraints.base import Constraint; "
+             "[print(n, importlib.import_module(m).__file__, issubclass(getattr(importlib.import_module(m), c), Constraint),"
+             " getattr(importlib.import_module(m), c).config_class().enabled) for n, m, c in "
+             f"{[(e.name, e.module, e.attr) for e in declared]!r}]")
+    res = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path / 'site')!r}); {check}"],
+                         capture_output=True, text=True, cwd=tmp_path, check=True)
+    rows = [line.split() for line in res.stdout.strip().splitlines()]
+    assert len(rows) == len(declared) and all(r[1].startswith(str(tmp_path / "site")) and r[2:] == ["True", "True"]
+                                              for r in rows), rows
 
 
 def test_demo_tiny_is_honest(tmp_path):
