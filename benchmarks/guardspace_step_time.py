@@ -47,7 +47,7 @@ def benchmark_step_time(hidden: int = 256, layers: int = 4, rank: int = 8, batch
         base, tok = fresh()
         if artifact is None:
             art = calibrate_guardspace(base, tok, load_prompts("harmful").train[:8],
-                                       config={"null_energy": null_energy, "calibration_rank": rank,
+                                       config={"null_energy": null_energy, "calibration": {"calibration_rank": rank},
                                                "massive_share": massive_share}, progress=False, check=False)
             extra = {"min_null_dim": 1, "max_null_fraction": 1.0}
         else:

@@ -174,12 +174,38 @@ class SafeguardConfig(BaseModel):
         cfg.__pydantic_extra__.update(sections)
         return cfg
 
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The schema of the whole configuration with every registered constraint's section typed (sections are
+        validated dynamically here, so pydantic's own schema of this class would list only the top-level keys)."""
+        return config_model().model_json_schema(*args, **kwargs)
+
     def constraint_configs(self) -> dict[str, BaseModel]:
         """Enabled constraint sections, by registry name."""
         return {k: v for k, v in (self.__pydantic_extra__ or {}).items() if getattr(v, "enabled", True)}
 
     def section(self, name: str) -> BaseModel | None:
         return (self.__pydantic_extra__ or {}).get(name)
+
+
+def config_model() -> type[BaseModel]:
+    """The typed model of the whole configuration, built from the registry (``pydantic.create_model``): the top-level
+    keys plus one optional section per registered constraint, typed by that constraint's config class. What
+    :func:`config_schema` and the generated docs describe; :class:`SafeguardConfig` validates the same fields (and
+    reports every invalid key at once)."""
+    from pydantic import create_model
+
+    sections: dict[str, Any] = {}
+    for name, cls in available_constraints().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        sections[name] = (cls.config_class | None, Field(None, description=doc[0] if doc else f"The {name} constraint."))
+    top = {name: (f.annotation, f) for name, f in SafeguardConfig.model_fields.items()}
+    return create_model("SafeguardSettings", __config__=ConfigDict(extra="forbid", strict=True), **top, **sections)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON schema of the configuration (every registered constraint's section), e.g. for an editor's YAML support."""
+    return config_model().model_json_schema()
 
 
 def load_config(source: str | os.PathLike | dict | SafeguardConfig | None = None, **overrides: Any) -> SafeguardConfig:

@@ -21,7 +21,7 @@ def cw_art(tmp_path_factory, tok):
     out = tmp_path_factory.mktemp("cwac") / "art"
     calibrate(tiny_model(), tok, load_prompts("harmful", limit=48), load_prompts("harmless", limit=48), out,
               model_id="tiny", constraints=["cwac"], progress=False,
-              constraint_configs={"cwac": CWACConfig(sae_steps=200, max_rank=8)})
+              constraint_configs={"cwac": CWACConfig(calibration={"sae_steps": 200, "max_rank": 8})})
     return out
 
 
@@ -78,7 +78,7 @@ def test_gradient_subspace_matches_exact_per_example_gradients(tok):
 
     model = tiny_model()
     prompts = load_prompts("harmful", limit=12).train[:6]
-    c = CWACConfig(rank=3, max_rank=3, target_modules=["down_proj"], sketch_size=64)
+    c = CWACConfig(rank=3, target_modules=["down_proj"], calibration={"max_rank": 3, "sketch_size": 64})
     tensors, _ = gradient_subspaces(model, tok, prompts, c, batch_size=3, progress=False)
     W = model.model.layers[1].mlp.down_proj.weight
     GG, GtG = 0, 0
@@ -105,7 +105,7 @@ def test_alignment_subspace_recovers_the_alignment_delta():
     Vt, _ = torch.linalg.qr(torch.randn(w.shape[1], 2, generator=g))
     with torch.no_grad():
         w += Ut @ torch.diag(torch.tensor([0.5, 0.3])) @ Vt.T
-    tensors, meta = alignment_subspaces(aligned, base, CWACConfig(energy=0.99))
+    tensors, meta = alignment_subspaces(aligned, base, CWACConfig(calibration={"energy": 0.99}))
     assert meta["layers"]["2.self_attn.o_proj"]["rank_left"] == 2
     assert meta["layers"]["0.self_attn.o_proj"]["unchanged_by_alignment"]
     U = tensors["alignment.2.self_attn.o_proj.U"]
@@ -203,7 +203,8 @@ def test_lora_outside_the_calibrated_modules_fails(tok, tmp_path, chat_rows):
     out = tmp_path / "qonly"
     calibrate(tiny_model(), tok, load_prompts("harmful", limit=24), load_prompts("harmless", limit=24), out,
               model_id="tiny", constraints=["cwac"], progress=False,
-              constraint_configs={"cwac": CWACConfig(sae_steps=20, max_rank=4, target_modules=["k_proj"])})
+              constraint_configs={"cwac": CWACConfig(target_modules=["k_proj"],
+                                                     calibration={"sae_steps": 20, "max_rank": 4})})
     with pytest.raises(Exception, match="none of the model's trainable linear layers"):
         train("callback", chat_rows, tok, tmp_path / "t", cfg(out, sae_weight=0.0), lora=True)
 

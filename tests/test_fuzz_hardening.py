@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import BaseModel
 
 from safeguard_plugin.artifacts import Artifact, ArtifactError
 from safeguard_plugin.cli import main
@@ -31,6 +32,27 @@ VALUES = [None, True, False, 0, 1, -1, 3, 1e-3, 0.5, 100.0, 1e30, -1e30, float("
 TOP = ["artifact", "nan_policy", "strict_fingerprint", "check_first_steps"]
 
 
+def _random_section(rng: random.Random, model: type[BaseModel], keep: float) -> dict:
+    """Up to 4 of ``model``'s fields, each its default or (1 − keep of the time) a random value; a nested block
+    (e.g. ``calibration``) is sampled the same way, as a mapping (JSON-able, like a YAML's) or now and then in the
+    legacy flat form (its keys at the top of the section)."""
+    fields = model.model_fields
+    section = {}
+    for f in rng.sample(list(fields), rng.randint(0, min(4, len(fields)))):
+        default = fields[f].get_default(call_default_factory=True)
+        if rng.random() >= keep:
+            section[f] = rng.choice(VALUES)
+        elif isinstance(default, BaseModel):
+            nested = _random_section(rng, type(default), keep)
+            if rng.random() < 0.2:  # the legacy flat form: moved under the block (with a FutureWarning)
+                section.update(nested)
+            else:
+                section[f] = nested
+        else:
+            section[f] = default
+    return section
+
+
 def random_config(rng: random.Random, artifact: str) -> dict:
     """Half hostile (most values random), half mostly valid (a value now and then replaced by a random one)."""
     registry = available_constraints()
@@ -43,11 +65,7 @@ def random_config(rng: random.Random, artifact: str) -> dict:
         if name == "nope":
             cfg[name] = {}
             continue
-        fields = registry[name].config_class.model_fields
-        section = {}
-        for f in rng.sample(list(fields), rng.randint(0, min(4, len(fields)))):
-            default = fields[f].get_default(call_default_factory=True)
-            section[f] = default if rng.random() < keep else rng.choice(VALUES)
+        section = _random_section(rng, registry[name].config_class, keep)
         if hostile and rng.random() < 0.2:
             section["no_such_option"] = 1
         cfg[name] = section if not hostile or rng.random() < 0.9 else rng.choice([None, True, 3, "x"])

@@ -47,7 +47,8 @@ def harmful():
 @pytest.fixture(scope="module")
 def gs_art(tmp_path_factory, tok, harmful):
     out = tmp_path_factory.mktemp("gs") / "art"
-    art = calibrate_guardspace(model(), tok, harmful, config={"null_energy": 0.01, "calibration_rank": 8},
+    art = calibrate_guardspace(model(), tok, harmful,
+                               config={"null_energy": 0.01, "calibration": {"calibration_rank": 8}},
                                out_dir=out, model_id="tiny256", progress=False)
     return art, out
 
@@ -392,7 +393,7 @@ def test_massive_activation_directions_are_blocked_and_the_budget_applies_to_the
         assert tr - float(ev.sum()) <= 0.01 * rest * (1 + 1e-6)  # null space holds ≤ 1% of the non-massive energy
         assert float((R.T @ R - torch.eye(R.shape[1], dtype=R.dtype)).abs().max()) < 1e-6
     # through calibration: recorded in the manifest, and used again at training time
-    art = calibrate_guardspace(model(), tok, harmful, config={"null_energy": 0.01, "calibration_rank": 8,
-                                                             "massive_share": 0.9}, progress=False)
+    art = calibrate_guardspace(model(), tok, harmful, config={"null_energy": 0.01, "massive_share": 0.9,
+                                                             "calibration": {"calibration_rank": 8}}, progress=False)
     assert art.manifest["components"]["guardspace"]["massive_share"] == 0.9
     GuardSpace(GuardSpaceConfig(massive_share=0.9), art)

@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import re
 import typing
 import warnings
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from safeguard_plugin.config import ConfigError, SafeguardConfig, load_config
 from safeguard_plugin.registry import available_constraints
@@ -38,19 +40,32 @@ def test_non_finite_weights_are_refused_from_yaml(tmp_path, text, key):
         load_config(_yaml(tmp_path, text))
 
 
-def _float_fields():
-    for name, cls in sorted(available_constraints().items()):
-        for field, info in cls.config_class.model_fields.items():
-            if float in typing.get_args(info.annotation) or info.annotation is float:
-                yield name, field
+def _float_fields(model, prefix=""):
+    """Dotted paths of a config's float fields, nested blocks (e.g. ``calibration``) included."""
+    for field, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _float_fields(info.annotation, f"{prefix}{field}.")
+        elif float in typing.get_args(info.annotation) or info.annotation is float:
+            yield f"{prefix}{field}"
 
 
-@pytest.mark.parametrize("name, field", list(_float_fields()))
+def _nested(path: str, value):
+    head, _, rest = path.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+@pytest.mark.parametrize("name, field", [(name, f) for name, cls in sorted(available_constraints().items())
+                                         for f in _float_fields(cls.config_class)])
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 def test_every_float_of_every_constraint_must_be_finite(name, field, value):
     assert {"procon", "cwac", "adaptive_kl", "guardspace", "monitor"} <= set(available_constraints())
-    with pytest.raises(ConfigError, match=rf"(^|; |: ){name}\.{field}: Input should be a finite number"):
-        load_config({"artifact": "a", name: {field: value}})
+    with pytest.raises(ConfigError, match=rf"(^|; |: ){name}\.{re.escape(field)}: Input should be a finite number"):
+        load_config({"artifact": "a", name: _nested(field, value)})
+
+
+def test_nested_float_fields_are_covered():
+    fields = {(name, f) for name, cls in available_constraints().items() for f in _float_fields(cls.config_class)}
+    assert {("cwac", "calibration.energy"), ("guardspace", "calibration.max_covariance_gb")} <= fields
 
 
 @pytest.mark.parametrize("section, pattern", [

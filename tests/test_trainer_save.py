@@ -50,7 +50,8 @@ def harmful():
 @pytest.fixture(scope="module")
 def gs_path(tmp_path_factory, tok, harmful):
     out = tmp_path_factory.mktemp("gs") / "art"
-    calibrate_guardspace(tiny_model(hidden=HIDDEN), tok, harmful, config={"null_energy": 0.01, "calibration_rank": 8},
+    calibrate_guardspace(tiny_model(hidden=HIDDEN), tok, harmful,
+                         config={"null_energy": 0.01, "calibration": {"calibration_rank": 8}},
                          out_dir=out, model_id="tiny256", progress=False)
     return out
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
@@ -93,6 +94,19 @@ def _penalty_weight(value: float) -> float:
 PenaltyWeight = Annotated[float, Field(ge=0, allow_inf_nan=False), AfterValidator(_penalty_weight)]
 
 
+class CalibrationOptions(BaseModel):
+    """Base for a constraint's ``calibration:`` block: options only ``safeguard calibrate`` (and in-run calibration)
+    reads, so changing them needs a new artifact. Same strict rules as :class:`ConstraintConfig`; a method's config
+    declares ``calibration: <its subclass> = Field(default_factory=<its subclass>, ...)``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _python_forms(cls, data: Any) -> Any:
+        return {k: python_form(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
 class ConstraintConfig(BaseModel):
     """Base for every constraint's config section; unknown keys are errors.
 
@@ -105,10 +119,47 @@ class ConstraintConfig(BaseModel):
 
     enabled: bool = Field(True, description="Set false to keep the section but switch the constraint off.")
 
+    # the registry name of the constraint that uses this config (set by the Constraint subclass), for messages
+    section_name: ClassVar[str | None] = None
+
     @model_validator(mode="before")
     @classmethod
     def _python_forms(cls, data: Any) -> Any:
         return {k: python_form(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_calibration(cls, data: Any) -> Any:
+        """Calibration-only options given at the top of the section (where they were before they moved under
+        ``calibration:``) are moved there with a FutureWarning naming the new key; a key given both ways is an error.
+        Driven by the ``calibration`` field's :class:`CalibrationOptions` model, so every method gets it."""
+        field = cls.model_fields.get("calibration")
+        nested = field.annotation if field is not None else None
+        if not isinstance(data, dict) or not (isinstance(nested, type) and issubclass(nested, CalibrationOptions)):
+            return data
+        flat = [k for k in data if k in nested.model_fields and k not in cls.model_fields]
+        if not flat:
+            return data
+        section = cls.section_name or cls.__name__
+        block = data.get("calibration")
+        if isinstance(block, CalibrationOptions):
+            block = {k: getattr(block, k) for k in block.model_fields_set}
+        elif block is None:
+            block = {}
+        if not isinstance(block, dict):
+            return data  # the calibration field's own validation reports it (and the flat keys as unknown)
+        both = [k for k in flat if k in block]
+        if both:
+            raise ConfigError("; ".join(f"{k} is given both as {section}.{k} and as {section}.calibration.{k}: keep "
+                                        f"only {section}.calibration.{k}" for k in both))
+        data, block = dict(data), dict(block)
+        for k in flat:
+            warnings.warn(f"{section}.{k} is now {section}.calibration.{k} (calibration-only options moved under "
+                          f"`calibration:`); the old key still works for now but will be removed", FutureWarning,
+                          stacklevel=2)
+            block[k] = data.pop(k)
+        data["calibration"] = block
+        return data
 
     def noop_reason(self) -> str | None:
         """Why this section, although enabled, would not change training (the engine warns at set-up), or None."""
@@ -338,6 +389,13 @@ class Constraint:
     requires_lora_adapter: ClassVar[bool] = False
     # the method acts inside the LoRA modules' forward: fused LoRA kernels that bypass it must be off
     requires_unfused_lora: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # the config class learns its section's name (its messages say `cwac.energy`, not `CWACConfig.energy`)
+        cfg, name = cls.__dict__.get("config_class"), cls.__dict__.get("name")
+        if isinstance(name, str) and cfg not in (None, ConstraintConfig) and "section_name" not in cfg.__dict__:
+            cfg.section_name = name
 
     def __init__(self, config: ConstraintConfig, artifact: Artifact | None):
         self.config = config

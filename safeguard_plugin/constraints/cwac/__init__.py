@@ -17,7 +17,8 @@ Where the subspace comes from (calibration, stored in the artifact as low-rank f
   gradient of the refusal log-likelihood is ``G_i = Σ_t δ_t x_tᵀ``; U / V are the top eigenvectors of
   ``Σ_i G_i G_iᵀ`` / ``Σ_i G_iᵀ G_i`` (the weight directions along which the refusal likelihood changes most).
   They are found from a single-pass randomised sketch (Nyström) without ever forming a ``G_i``.
-  Rank: fixed ``rank`` or the smallest k holding ``energy`` of the (exact) trace, capped at ``max_rank``.
+  Rank: fixed ``rank`` or the smallest k holding ``calibration.energy`` of the (exact) trace, capped at
+  ``calibration.max_rank``.
 
 Activation part — an SAE on one residual-stream layer (trained at calibration, or an existing SAELens SAE). The
 safety-critical features S are the top ``n_features`` by |mean activation harmful − harmless| at the

@@ -111,7 +111,7 @@ def gradient_subspaces(model: nn.Module, tokenizer, prompts: list[str], cfg: CWA
     if any(is_lora_layer(m) for m in mods.values()):
         raise CWACError("cwac calibration needs the model without PEFT adapters")
     gen = torch.Generator().manual_seed(0)
-    s = cfg.sketch_size or 4 * cfg.max_rank + 32
+    s = cfg.calibration.sketch_size or 4 * cfg.calibration.max_rank + 32
     sketches = {k: _GradSketch(m.out_features, m.in_features, min(s, m.out_features, m.in_features), gen)
                 for k, m in mods.items()}
     inputs: dict[str, torch.Tensor] = {}
@@ -152,8 +152,8 @@ def gradient_subspaces(model: nn.Module, tokenizer, prompts: list[str], cfg: CWA
     for k, sk in sketches.items():
         lamL, UL = nystrom_eig(sk.YL, sk.OL)
         lamR, UR = nystrom_eig(sk.YR, sk.OR)
-        kL, eL = _rank_for(lamL, sk.trace, cfg.energy, cfg.max_rank, cfg.rank)
-        kR, eR = _rank_for(lamR, sk.trace, cfg.energy, cfg.max_rank, cfg.rank)
+        kL, eL = _rank_for(lamL, sk.trace, cfg.calibration.energy, cfg.calibration.max_rank, cfg.rank)
+        kR, eR = _rank_for(lamR, sk.trace, cfg.calibration.energy, cfg.calibration.max_rank, cfg.rank)
         tensors[f"gradient.{k}.U"] = UL[:, :kL].float()
         tensors[f"gradient.{k}.V"] = UR[:, :kR].float()
         layers[k] = {"module": k.split(".", 1)[1], "d_out": mods[k].out_features, "d_in": mods[k].in_features,
@@ -183,10 +183,10 @@ def alignment_subspaces(model: nn.Module, base_model: nn.Module, cfg: CWACConfig
             layers[k] = {"module": k.split(".", 1)[1], "d_out": D.shape[0], "d_in": D.shape[1], "rank_left": 0,
                          "rank_right": 0, "energy_left": 0.0, "energy_right": 0.0, "unchanged_by_alignment": True}
             continue
-        q = min(cfg.max_rank + 8, *D.shape)
+        q = min(cfg.calibration.max_rank + 8, *D.shape)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         U, S, V = torch.svd_lowrank(D, q=q, niter=4)
-        kk, e = _rank_for(S.double() ** 2, total, cfg.energy, cfg.max_rank, cfg.rank)
+        kk, e = _rank_for(S.double() ** 2, total, cfg.calibration.energy, cfg.calibration.max_rank, cfg.rank)
         tensors[f"alignment.{k}.U"] = U[:, :kk].contiguous()
         tensors[f"alignment.{k}.V"] = V[:, :kk].contiguous()
         layers[k] = {"module": k.split(".", 1)[1], "d_out": D.shape[0], "d_in": D.shape[1], "rank_left": kk,
@@ -232,34 +232,36 @@ def calibrate_sae(ctx: CalibrationContext, artifact, cfg: CWACConfig) -> None:
     t0 = time.time()
     refusal_direction(ctx, artifact)
     _, rmeta = artifact.component("refusal_direction")
-    if cfg.sae_layer == "auto":
+    if cfg.calibration.sae_layer == "auto":
         sel = sorted(rmeta["selected_layers"])
         layer = sel[len(sel) // 2]
     else:
-        layer = int(cfg.sae_layer)
+        layer = int(cfg.calibration.sae_layer)
         if not 0 <= layer < rmeta["num_layers"]:
-            raise CWACError(f"cwac.sae_layer={layer} is out of range (0..{rmeta['num_layers'] - 1})")
+            raise CWACError(f"cwac.calibration.sae_layer={layer} is out of range (0..{rmeta['num_layers'] - 1})")
     th, ph = _residual_activations(ctx, layer, ctx.harmful.train, f"calibrate: cwac SAE acts layer {layer} (harmful)")
     ts, ps = _residual_activations(ctx, layer, ctx.harmless.train, f"calibrate: cwac SAE acts layer {layer} (harmless)")
     acts = torch.cat([th, ts], 0)
     d = acts.shape[1]
     hook_name = f"blocks.{layer}.hook_resid_post"
-    if cfg.sae_path:
-        sae = SparseAutoencoder.load(cfg.sae_path)
+    if cfg.calibration.sae_path:
+        sae = SparseAutoencoder.load(cfg.calibration.sae_path)
         if sae.d_in != d:
-            raise CWACError(f"cwac.sae_path: the SAE has d_in={sae.d_in}, layer {layer} of the model has {d}")
+            raise CWACError(f"cwac.calibration.sae_path: the SAE has d_in={sae.d_in}, layer {layer} of the model "
+                            f"has {d}")
         stats = sae_quality(sae, acts)
-        source = str(cfg.sae_path)
+        source = str(cfg.calibration.sae_path)
     else:
         meta = {"model_name": artifact.manifest["model"]["id"], "hook_name": hook_name, "hook_layer": layer,
                 "context_size": int(max(1, acts.shape[0])), "prepend_bos": False, "trained_by": "safeguard-plugin"}
-        sae, stats = train_sae(acts, cfg.sae_expansion * d, k=cfg.sae_k, steps=cfg.sae_steps, progress=ctx.progress,
+        cal = cfg.calibration
+        sae, stats = train_sae(acts, cal.sae_expansion * d, k=cal.sae_k, steps=cal.sae_steps, progress=ctx.progress,
                                metadata=meta)
         source = "trained"
     Fh, Fs = sae.encode(ph), sae.encode(ps)  # (N, P, d_sae)
     diff = Fh.mean(0) - Fs.mean(0)  # (P, d_sae)
     score = diff.abs().max(0).values
-    n = min(cfg.sae_n_features, sae.d_sae)
+    n = min(cfg.calibration.sae_n_features, sae.d_sae)
     feats = score.topk(n).indices
     allf = torch.cat([Fh, Fs], 0)[..., feats]
     std = allf.std(0).clamp(min=1e-4)  # (P, n)

@@ -303,9 +303,10 @@ class CWAC(Constraint):
         cfg = config if config is not None else ctx.constraint_configs.get(cls.name)
         cfg = cfg if isinstance(cfg, CWACConfig) else CWACConfig(**(cfg or {}))
         if not artifact.has(SUBSPACE):
-            tensors, meta = gradient_subspaces(ctx.model, ctx.tokenizer, ctx.harmful.train[: cfg.max_prompts], cfg,
+            cal = cfg.calibration
+            tensors, meta = gradient_subspaces(ctx.model, ctx.tokenizer, ctx.harmful.train[: cal.max_prompts], cfg,
                                                batch_size=max(1, ctx.batch_size // 2), progress=ctx.progress)
-            comp_meta = {"sources": ["gradient"], "gradient": meta, "energy": cfg.energy, "max_rank": cfg.max_rank,
+            comp_meta = {"sources": ["gradient"], "gradient": meta, "energy": cal.energy, "max_rank": cal.max_rank,
                          "target_modules": cfg.target_modules}
             base = ctx.base_model
             if base is not None:

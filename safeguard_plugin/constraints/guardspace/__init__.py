@@ -6,7 +6,7 @@ Calibration (offline, harmful prompts only), per target ``nn.Linear`` inside the
   batched products accumulated in float64. Layers that read the same tensor (q/k/v, gate/up) share one C.
 * CorDA "kpm" decomposition (PEFT's ``peft.tuners.lora.corda``, same maths, same ``CordaEigens`` layout):
   C_d = C + damping·mean(diag C)·I, SVD of W·C_d = U Σ Vᵀ, Ṽ = C_d⁻¹ V. The large-σ components are the
-  safety-relevant part (frozen); the last (smallest-σ) ``calibration_rank`` components are stored.
+  safety-relevant part (frozen); the last (smallest-σ) ``calibration.calibration_rank`` components are stored.
 * Null space: eigen-directions of C holding the bottom ``null_energy`` share of its energy (plus numerically-zero
   ones, λ ≤ max(1e-8, 1e-6·λ_max)). The artifact stores the complement (the range basis R, top eigenvectors,
   with their eigenvalues); P = I − R Rᵀ, so any ``null_energy`` ≥ the calibrated one can be used at train time.

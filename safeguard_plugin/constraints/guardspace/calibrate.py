@@ -241,7 +241,7 @@ def compute_guardspace(model: nn.Module, tokenizer, prompts: list[str], config: 
 
     cfg = config or GuardSpaceConfig()
     t0 = time.perf_counter()
-    prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else list(prompts)
+    prompts = prompts[: cfg.calibration.max_prompts] if cfg.calibration.max_prompts else list(prompts)
     if not prompts:
         raise GuardSpaceError("guardspace calibration: no harmful prompts")
     targets = _target_linears(model, cfg.target_modules)
@@ -254,12 +254,12 @@ def compute_guardspace(model: nn.Module, tokenizer, prompts: list[str], config: 
     n_layers = len(blocks)
 
     # memory plan: float64 covariances (one per distinct input dim and layer, an upper bound for shared inputs);
-    # layers are split into passes that each fit max_covariance_gb (each pass re-runs the prefix of the model)
+    # layers are split into passes that each fit calibration.max_covariance_gb (each re-runs the model's prefix)
     per_layer: dict[int, int] = {}
     for i in sorted({i for i, _n, _m in targets}):
         dims = {mod.in_features for j, _n, mod in targets if j == i}
         per_layer[i] = sum(d * d * 8 for d in dims)
-    budget = cfg.max_covariance_gb * 2 ** 30
+    budget = cfg.calibration.max_covariance_gb * 2 ** 30
     passes: list[list[int]] = [[]]
     used = 0
     for i, size in per_layer.items():
@@ -355,7 +355,7 @@ def compute_guardspace(model: nn.Module, tokenizer, prompts: list[str], config: 
                                               "unquantized model (QLoRA can then train on the quantized one)")
                     # W·C_d: float32 product for wide layers (kept σ ≥ 1e-5 σ_max, else a full SVD is used)
                     M = (W.float() @ C.float()).double() if W.shape[1] > EXACT_EIGH_MAX else W.double() @ C
-                    U, S, Vh, sig2 = _smallest_components(M, cfg.calibration_rank)
+                    U, S, Vh, sig2 = _smallest_components(M, cfg.calibration.calibration_rank)
                     del M
                     with _one_thread():
                         V = torch.cholesky_solve(Vh.T.contiguous(), L)  # Ṽ = C_d⁻¹ V  (PEFT's V_WC)
@@ -391,7 +391,7 @@ def compute_guardspace(model: nn.Module, tokenizer, prompts: list[str], config: 
         "n_prompts": len(prompts),
         "n_tokens": max(g["tokens"] for g in groups_meta.values()),
         "shared_prefix_tokens": prefix,
-        "calibration_rank": cfg.calibration_rank,
+        "calibration_rank": cfg.calibration.calibration_rank,
         "null_energy_threshold": cfg.null_energy,
         "massive_share": cfg.massive_share,
         "damping": cfg.damping,

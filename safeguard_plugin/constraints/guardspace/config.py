@@ -7,13 +7,23 @@ from typing import Literal
 from pydantic import Field
 
 from ...errors import SafeguardError
-from ..base import ConstraintConfig
+from ..base import CalibrationOptions, ConstraintConfig
 
 COMPONENT = "guardspace"
 
 
 class GuardSpaceError(SafeguardError, ValueError):
     """A GuardSpace set-up that would not constrain (or not train) the model; the message names the layer."""
+
+
+class GuardSpaceCalibration(CalibrationOptions):
+    """``guardspace.calibration``: how much of the model's activations calibration reads and what it stores
+    (``null_energy``, ``damping``, ``massive_share`` and ``min_null_dim`` stay at the top of the section: training
+    checks them against the artifact)."""
+
+    max_prompts: int | None = Field(128, ge=1, description="Harmful (train split) prompts used for calibration.")
+    calibration_rank: int = Field(32, ge=1, description="Smallest-σ components stored (any r ≤ this can be used).")
+    max_covariance_gb: float = Field(3.0, gt=0, description="float64 covariance memory per calibration pass.")
 
 
 class GuardSpaceConfig(ConstraintConfig):
@@ -44,10 +54,11 @@ class GuardSpaceConfig(ConstraintConfig):
     residual: Literal["auto", "weights", "offset"] = Field(
         "auto", description="'weights': W_res in the base weights; 'offset': base untouched (QLoRA); auto picks.")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (injection path).")
-    # calibration-only
-    max_prompts: int | None = Field(128, ge=1, description="Harmful (train split) prompts used for calibration.")
-    calibration_rank: int = Field(32, ge=1, description="Smallest-σ components stored (any r ≤ this can be used).")
-    max_covariance_gb: float = Field(3.0, gt=0, description="float64 covariance memory per calibration pass.")
+    # calibration only (changing them needs a new artifact)
+    calibration: GuardSpaceCalibration = Field(
+        default_factory=GuardSpaceCalibration,
+        description="Options only `safeguard calibrate` (and in-run calibration) reads; changing them needs a new "
+                    "artifact.")
 
 
 def _config(config) -> GuardSpaceConfig:

@@ -173,7 +173,7 @@ class GuardSpace(Constraint):
         lm = self.meta["layers"][key]
         if r > lm["stored_rank"]:
             raise GuardSpaceError(f"guardspace: rank {r} > the artifact's stored rank {lm['stored_rank']} for {key}; "
-                                  "re-calibrate with a larger calibration_rank")
+                                  "re-calibrate with a larger guardspace.calibration.calibration_rank")
         U = self.tensors[f"{key}.U"][:, -r:].clone()
         S = self.tensors[f"{key}.S"][-r:].clone()
         V = self.tensors[f"{key}.V"][:, -r:].clone()
