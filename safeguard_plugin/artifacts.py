@@ -495,22 +495,98 @@ class Artifact:
                 f"{meta['hidden_size']}, the model {n} layers of size {d}: it was calibrated on another model; "
                 "re-run `safeguard calibrate --model <your model>`")
 
-    def summary(self) -> str:
+    def summary(self, tensors: bool = False, width: int = 200) -> str:
+        """A short, human-readable summary (``safeguard inspect DIR``): model and fingerprint, calibration data
+        hashes, and per component its key meta, tensor count, size and layers -- a few lines per component however
+        many tensors it holds. ``tensors=True`` appends the full tensor list (name, shape, dtype), one per line."""
         m = self.manifest
+        fp = m["model"].get("fingerprint", {})
+        st = fp.get("structure") or {}
+        arch = ", ".join(f"{k} {st[k]}" for k in ("model_type", "num_hidden_layers", "hidden_size") if st.get(k))
         lines = [f"artifact: {self.path}",
-                 f"model: {m['model'].get('id')} (fingerprint {m['model']['fingerprint'].get('id')})",
-                 f"created: {m.get('created', '?')} by safeguard-plugin {m.get('package_version', '?')}"]
+                 f"model: {_short(m['model'].get('id'), 100)} (fingerprint {fp.get('id')}{'; ' + arch if arch else ''})",
+                 f"created: {m.get('created', '?')} by safeguard-plugin {m.get('package_version', '?')}, format "
+                 f"{m.get('format_version', '?')}, tokenizer hash {(m.get('tokenizer') or {}).get('hash', '?')}"]
+        lines = [_clip(line, width) for line in lines]
+        if m.get("calibrated_for"):
+            lines.append(_clip(f"calibrated for: {', '.join(map(str, m['calibrated_for']))}", width))
         for name, d in (m.get("data") or {}).items():
-            lines.append(f"data.{name}: {d}")
-        for name, meta in m["components"].items():
-            shapes = {k: list(v.shape) for k, v in self.tensors.get(name, {}).items()}
-            short = {k: v for k, v in meta.items() if k not in ("file",) and not isinstance(v, (list, dict))}
-            lines.append(f"component {name}: {short}")
-            for k in ("selected_layers", "offsets"):
-                if k in meta:
-                    lines.append(f"  {k}: {meta[k]}")
-            lines.append(f"  tensors: {shapes}")
+            if isinstance(d, dict):
+                counts = ", ".join(f"{k[2:]} {d[k]}" for k in ("n_train", "n_heldout") if k in d)
+                lines.append(_clip(f"data {name}: sha256 {d.get('sha256', '?')}" + (f" ({counts})" if counts else "")
+                                   + f", source {d.get('source', '?')}", width))
+            else:
+                lines.append(_clip(f"data {name}: {d}", width))
+        comps = m["components"]
+        sizes = {n: sum(t.numel() * t.element_size() for t in self.tensors.get(n, {}).values()) for n in comps}
+        n_all = sum(len(self.tensors.get(n, {})) for n in comps)
+        lines.append(f"components: {len(comps)}, {n_all} tensors, {_human_bytes(sum(sizes.values()))}")
+        for name, meta in comps.items():
+            ts = self.tensors.get(name, {})
+            layers = meta.get("selected_layers", meta.get("layer"))
+            layers = _ranges(layers if isinstance(layers, list) else [layers]) if layers is not None else \
+                _ranges(_tensor_layers(ts))
+            lines.append(_clip(f"  {name}: {len(ts)} tensors, {_human_bytes(sizes[name])}"
+                               + (f", layers {layers}" if layers else ""), width))
+            # quality figures first (held-out AUROC/accuracy, explained variance, ...): the line is clipped at width
+            keys = sorted((k for k, v in meta.items() if k not in ("file", "sha256", "selected_layers", "layer")
+                           and not isinstance(v, (list, dict))),
+                          key=lambda k: not any(q in k for q in ("heldout", "auroc", "accuracy", "explained", "dead")))
+            short = [f"{k}={_short(meta[k])}" for k in keys]
+            if short:
+                lines.append(_clip("    " + ", ".join(short), width))
+        if m.get("files"):
+            lines.append(_clip(f"files: {len(m['files'])} ({', '.join(m['files'])})", width))
+        if not tensors:
+            lines.append(f"(tensor list: safeguard inspect {self.path or 'DIR'} --tensors)")
+            return "\n".join(lines)
+        lines.append("tensors:")
+        for name in comps:
+            for k, t in self.tensors.get(name, {}).items():
+                lines.append(f"  {name}/{k} {list(t.shape)} {str(t.dtype).replace('torch.', '')}")
         return "\n".join(lines)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # unreachable
+
+
+def _short(v: Any, n: int = 48) -> str:
+    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _clip(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _tensor_layers(tensors: dict[str, torch.Tensor]) -> list[int]:
+    """Layer indices named by per-layer tensors ('3.mlp.up_proj.U', 'gradient.3.self_attn.q_proj.V')."""
+    found = set()
+    for k in tensors:
+        parts = k.split(".")
+        for p in parts[:2]:
+            if p.isdigit() and len(parts) > 2:
+                found.add(int(p))
+                break
+    return sorted(found)
+
+
+def _ranges(values: list[Any]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    if not all(isinstance(v, int) for v in values):
+        return ", ".join(map(str, values))
+    out: list[str] = []
+    for v in sorted(set(values)):
+        if out and out[-1].split("-")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ", ".join(out)
 
 
 def _check_manifest_fields(manifest: dict[str, Any], mf: Path) -> None:

@@ -789,7 +789,8 @@ def test_post_train_is_idempotent(tmp_path):
     first = (tmp_path / RUN_FILE).read_text()
     (tmp_path / RUN_FILE).unlink()
     plugin.post_train(cfg, model=None)
-    assert engine.detached == 1 and not (tmp_path / RUN_FILE).exists()
+    # the second call (after Axolotl's own save) writes the same record again, not a new one
+    assert engine.detached == 1 and (tmp_path / RUN_FILE).read_text() == first
     # adapters: both calls, with the trained model (the second follows Axolotl's own save and the engine's detach)
     assert saves == [(str(tmp_path), "trained model")] * 2 and engine.model is None
     assert json.loads(first)["log_history"] == [{"loss": 1.0, "safeguard/penalty": 0.5, "step": 1}]

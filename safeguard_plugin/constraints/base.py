@@ -464,6 +464,14 @@ class Constraint:
         """Metrics since the last call (names without the ``safeguard/`` prefix)."""
         return {}
 
+    def record(self) -> dict[str, Any]:
+        """What this constraint measured over the run, for the run record and the model card
+        (:mod:`safeguard_plugin.record`): a JSON-able dict, empty when there is nothing to report (the default).
+        Keys the card renders: ``{"refusal_score"|"projection"|"cosine": {"start": x, "end": y}}`` (a start/end table;
+        ``refusal_score`` also gives the verdict line) and ``"curve": [{"step": n, "refusal_score": x, ...}, ...]``
+        (plotted when matplotlib is installed); anything else is kept in ``safeguard_run.json``."""
+        return {}
+
     # -- state saved with Trainer checkpoints (schedules derive from global_step, so usually nothing)
     def state_dict(self) -> dict[str, Any]:
         """Tensors and JSON-able values to keep with a checkpoint (``engine.save_state``)."""

@@ -27,6 +27,7 @@ from ..config import SafeguardConfig
 from ..constraints.base import TrainingSetup
 from ..engine import SafeguardEngine, SafeguardRuntimeError
 from ..modeling import is_peft_model, unwrap_model
+from ..record import run_record, write_model_card
 from ..registry import get_constraint
 
 logger = logging.getLogger("safeguard_plugin")
@@ -242,10 +243,35 @@ class SafeguardCallback(TrainerCallback):
                 return None
             return original_best()
 
-        trainer._save, trainer._load_from_checkpoint = _save, _load_from_checkpoint
+        def _save_with_card(output_dir=None, state_dict=None):
+            result = _save(output_dir, state_dict=state_dict)
+            callback.write_card(output_dir if output_dir is not None else trainer.args.output_dir)
+            return result
+
+        original_card = getattr(trainer, "create_model_card", None)
+
+        def create_model_card(*args: Any, **kwargs: Any):  # TRL / push_to_hub rewrite output_dir/README.md whole
+            result = original_card(*args, **kwargs)
+            callback.write_card(trainer.args.output_dir)
+            return result
+
+        trainer._save, trainer._load_from_checkpoint = _save_with_card, _load_from_checkpoint
+        if original_card is not None:
+            trainer.create_model_card = create_model_card
         if original_best is not None:
             trainer._load_best_model = _load_best_model
         self._save_wrapped_for = trainer
+
+    def write_card(self, folder) -> None:
+        """The safety section of ``folder/README.md`` and ``folder/safeguard_run.json`` (:mod:`safeguard_plugin.record`)
+        for the run so far; on the process that saves only. A failure is logged, never raised: the model is saved."""
+        trainer = self.trainer
+        if folder is None or (trainer is not None and not trainer.args.should_save):
+            return
+        try:
+            write_model_card(folder, run_record(self.engine))
+        except Exception as e:  # noqa: BLE001 -- the card is documentation; losing it must not lose the save
+            self.log.warning("safeguard: could not write the model card section to %s: %s", folder, e)
 
     # -- events
     def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):

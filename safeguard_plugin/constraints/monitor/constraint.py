@@ -57,6 +57,7 @@ class SafetyMonitor(Constraint):
         self._alerts = 0
         self._restored = False
         self._pending: dict[str, float] = {}
+        self._history: list[tuple[int, Measurement]] = []  # (step, measurement), the baseline first: for record()
 
     # ------------------------------------------------------------------------------------------ setup
     def validate_model(self, model: torch.nn.Module) -> None:
@@ -106,6 +107,7 @@ class SafetyMonitor(Constraint):
                               f"{ctx.global_step}; the baseline is measured on the resumed weights", stacklevel=2)
             self._baseline = self._measure(model, tokenizer)
         b = self._baseline
+        self._history = [(int(ctx.global_step), b)]
         logger.info("safeguard monitor: baseline cosine %.3f, refusal score %.3f, harmful projection %.3f (std units)",
                     b.mean_cosine, b.score, b.projection)
         if self.config.min_cosine is not None and not b.mean_cosine >= self.config.min_cosine:
@@ -161,6 +163,7 @@ class SafetyMonitor(Constraint):
         c, base = self.config, self._baseline
         # every rank measures (under ZeRO-3 forwards are collective); rank 0's values decide on all ranks
         m = broadcast_object(self._measure(ctx.model, ctx.runtime.tokenizer))
+        self._history.append((int(step), m))
         cos, drop, shift = m.mean_cosine, base.score - m.score, m.projection - base.projection
         self._pending = {"monitor_cosine": cos, "monitor_refusal_score": m.score, "monitor_score_drop": drop,
                          "monitor_projection_shift": shift}
@@ -208,6 +211,28 @@ class SafetyMonitor(Constraint):
         out["monitor_alerts"] = float(self._alerts)
         self._pending = {}
         return out
+
+    def record(self) -> dict:
+        """Refusal score, harmful projection and direction cosine at the baseline and the last check, the curve of
+        every check, the alerts (see :meth:`Constraint.record`)."""
+        if not self._history:
+            return {}
+        (_, first), (_, last) = self._history[0], self._history[-1]
+
+        def span(get) -> dict[str, float]:
+            return {"start": get(first), "end": get(last)}
+
+        return {
+            "refusal_score": span(lambda m: float(m.score)),
+            "projection": span(lambda m: float(m.projection)),
+            "cosine": span(lambda m: m.mean_cosine),
+            "projection_drift": float(last.projection - first.projection),
+            "checks": len(self._history) - 1,
+            "alerts": self._alerts,
+            "restored_to_step": self._safe_step if self._restored else None,
+            "curve": [{"step": s, "refusal_score": float(m.score), "projection": float(m.projection),
+                       "cosine": m.mean_cosine} for s, m in self._history],
+        }
 
     @classmethod
     def calibrate(cls, ctx: CalibrationContext, artifact) -> None:

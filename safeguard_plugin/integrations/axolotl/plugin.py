@@ -35,7 +35,9 @@ The plugin knows no constraint by name: what a constraint needs from the run is 
   ``checkpoint-N`` (``Constraint.save_model``; e.g. GuardSpace: a standard PEFT adapter with the projector folded in
   plus its own files), directly in the folder (same files both times; the second call replaces what Axolotl's own
   ``model.save_pretrained`` wrote, which lacks what the constraint adds); once: detach hooks, write
-  ``safeguard_run.json`` to ``output_dir``.
+  ``safeguard_run.json`` (the run record of :mod:`safeguard_plugin.record`) and the model card's "Safety fine-tuning"
+  section (``README.md``) to ``output_dir``; the second call merges the section again (Axolotl's save may rewrite the
+  card).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from safeguard_plugin.distributed import (
 )
 from safeguard_plugin.integrations.trl import SafeguardCallback
 from safeguard_plugin.modeling import is_peft_model
+from safeguard_plugin.record import RUN_FILE, run_record, write_model_card
 
 from ...errors import ConfigError, SafeguardRuntimeError
 from .args import (
@@ -78,7 +81,6 @@ from .guard import ENTRY_POINT_NAME, PLUGIN_PATH, guard_installed, offline_telem
 LOG = logging.getLogger("axolotl.integrations.safeguard")
 
 ARGS_PATH = "safeguard_plugin.integrations.axolotl.args.SafeguardArgs"
-RUN_FILE = "safeguard_run.json"
 
 
 def safeguard_block(cfg: Any) -> SafeguardConfig | None:
@@ -354,6 +356,7 @@ class SafeguardPlugin(BasePlugin):
         self._finished = False
         self._adapter_dirs: list[str] = []
         self._trained_model: torch.nn.Module | None = None  # the engine's model, kept for post_train's second save
+        self._record: dict[str, Any] | None = None  # the run record (safeguard_run.json), for the second call's card
 
     # ------------------------------------------------------------------------------------- config
     def get_input_args(self) -> str:
@@ -468,32 +471,30 @@ class SafeguardPlugin(BasePlugin):
             with _model_bound(engine, self._trained_model):
                 self._adapter_dirs = self.callback.save_adapters(out_dir) or self._adapter_dirs
         if self._finished:
+            if out_dir and main and self._record is not None:
+                # Axolotl's own final save ran in between, through the trainer's save: put this run's full record
+                # (with the Axolotl-side keys) and its card section back, unchanged
+                write_model_card(out_dir, self._record)
             return
         self._finished = True
         self._trained_model = getattr(engine, "model", None)
         wrapped = type(getattr(trainer, "model_wrapped", None)).__name__ if trainer is not None else None
         history = [dict(h) for h in getattr(getattr(trainer, "state", None), "log_history", [])
                    if any(str(k).startswith("safeguard/") for k in h)]
-        summary = {
-            "safeguard_plugin": __version__,
+        summary = run_record(engine, extra={
             "banner": engine.banner(),
             "config": json.loads(engine.config.model_dump_json()),
-            "artifact": str(engine.artifact.path) if engine.artifact is not None else None,
-            "optimizer_steps": engine.optimizer_steps_seen,
-            "position_coverage": engine.n_rows_found / engine.n_rows if engine.n_rows else None,
-            "nan_skipped": engine.nan_skipped,
             "model_wrapped": wrapped,  # DeepSpeedEngine under DeepSpeed
             "deepspeed_zero_stage": _zero_stage(trainer),
             "world_size": world_size(),
             "stop_reason": engine.stop_reason,
             "adapters": self._adapter_dirs,
             "log_history": history,
-        }
+        })
+        self._record = summary
         engine.detach()
         if out_dir and main:
-            os.makedirs(out_dir, exist_ok=True)
-            path = Path(out_dir) / RUN_FILE
-            path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            path = write_model_card(out_dir, summary).with_name(RUN_FILE)
             LOG.info("safeguard: %d optimizer steps with %s (model trained as %s, %d process%s); summary in %s",
                      summary["optimizer_steps"], ", ".join(c.name for c in engine.constraints), wrapped,
                      summary["world_size"], "es" if summary["world_size"] > 1 else "", path)
