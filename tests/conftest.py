@@ -52,3 +52,21 @@ def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("SAFEGUARD_CACHE", str(root))
     return root
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny matrices gain nothing from threads, and on a shared CPU OpenMP barriers slow them 10-30x
+    (``pytestmark = pytest.mark.usefixtures("single_thread")`` in a module)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def harmful():
+    """Eight harmful prompts (train split) for small calibrations."""
+    from safeguard_plugin.data import load_prompts
+
+    return load_prompts("harmful").train[:8]

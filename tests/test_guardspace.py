@@ -30,18 +30,7 @@ def model():
     return tiny_model(hidden=HIDDEN)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared CPU OpenMP barriers slow them 10-30x."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-@pytest.fixture(scope="module")
-def harmful():
-    return load_prompts("harmful").train[:8]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

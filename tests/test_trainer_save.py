@@ -24,7 +24,6 @@ from safeguard_plugin.constraints.guardspace import (
     restore_guardspace_factors,
     save_guardspace,
 )
-from safeguard_plugin.data import load_prompts
 from safeguard_plugin.modeling import pad_right, tokenize_prompts
 from safeguard_plugin.testing import tiny_model
 
@@ -34,17 +33,7 @@ HIDDEN, RANK = 256, 4
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "guardspace.json", "guardspace.safetensors"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-@pytest.fixture(scope="module")
-def harmful():
-    return load_prompts("harmful").train[:8]
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
