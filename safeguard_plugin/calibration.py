@@ -126,7 +126,7 @@ def refusal_direction(ctx: CalibrationContext, artifact: Artifact) -> None:
     logger.info("refusal direction: best held-out separation %.2f at position %d; layers %s", best, best_p, selected)
 
 
-def _data_record(harmful: PromptSet, harmless: PromptSet) -> dict:
+def data_record(harmful: PromptSet, harmless: PromptSet) -> dict:
     return {name: {"source": ps.source, "sha256": sha256_text(ps.train + ps.heldout), "n_train": len(ps.train),
                    "n_heldout": len(ps.heldout)} for name, ps in (("harmful", harmful), ("harmless", harmless))}
 
@@ -194,7 +194,7 @@ def calibrate(model, tokenizer, harmful: PromptSet, harmless: PromptSet, out_dir
     names = resolve_targets(constraints)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = _data_record(harmful, harmless)
+    data = data_record(harmful, harmless)
     out = Path(out_dir)
     artifact = None if recompute else _existing(out, model, data)
     done = list(artifact.manifest.get("calibrated_for", [])) if artifact is not None else []

@@ -233,31 +233,29 @@ class Bench:
         return self._model, self._tok
 
     def artifact(self) -> Path:
-        from ..calibration import calibrate
+        from ..calibration import calibrate, data_record
         from ..data import load_prompts
 
         path = self.out / "artifact"
         model, tok = self.load()
         names = sorted({n for cfg in self.methods.values() if cfg for n in cfg})
-        recompute = False  # an artifact of this model lacking some methods is extended; anything else is redone
+        lim = self.profile.calibration_limit
+        harmful, harmless = load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim)
+        recompute = False  # an artifact of this model and prompts lacking some methods is extended; else redone
         if (path / "manifest.json").exists():
             try:
                 art = Artifact.load(path)
                 art.check_model(model)
+                if art.manifest.get("data") != data_record(harmful, harmless):
+                    raise ArtifactError("calibrated on other prompts (another profile)")
                 if set(names) <= set(art.manifest.get("calibrated_for", [])):
                     return path
             except ArtifactError as err:
                 self.say(f"recalibrating {path}: {err}")
                 recompute = True
-        lim = self.profile.calibration_limit
         self.say(f"calibrating {names} on {self.model_spec}")
-        try:
-            calibrate(model, tok, load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim), path,
-                      model_id=self.model_spec, constraints=names, progress=self.progress, recompute=recompute)
-        except ArtifactError as err:  # the bench's own artifact, made on other prompts (another profile): redo it
-            self.say(f"recalibrating {path}: {err}")
-            calibrate(model, tok, load_prompts("harmful", limit=lim), load_prompts("harmless", limit=lim), path,
-                      model_id=self.model_spec, constraints=names, progress=self.progress, recompute=True)
+        calibrate(model, tok, harmful, harmless, path, model_id=self.model_spec, constraints=names,
+                  progress=self.progress, recompute=recompute)
         return path
 
     def data(self, ratio: float) -> dict[str, Any]:
