@@ -150,3 +150,36 @@ def test_warn_completes_the_run(artifact_dir, tok, chat_rows, tmp_path):
     assert len([w for w in rec if "safety monitor alert" in str(w.message)]) == DEGRADE["max_steps"]
     assert logs_of(tr)[-1]["safeguard/monitor_alerts"] == DEGRADE["max_steps"]
     assert max_diff(final, tiny_model().state_dict()) > 1e-3  # nothing was restored
+
+
+def test_resumed_run_keeps_the_curve_alerts_and_original_baseline(artifact_dir, tok, chat_rows, tmp_path):
+    """The monitor's history travels with the checkpoint: the record of a resumed run starts at step 0 with the
+    original model's baseline (full fine-tuning: the resumed weights could only give the step-2 values)."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    c = cfg(artifact_dir, every_n_steps=1, action="warn", **LENIENT)
+    first, _ = train("callback", chat_rows, tok, tmp_path, c, max_steps=2, save_strategy="steps", save_steps=2)
+    before = next(x for x in engine_of(first).constraints if isinstance(x, SafetyMonitor)).record()
+    assert [p["step"] for p in before["curve"]] == [0, 1, 2]
+    torch.manual_seed(0)
+    tr = SFTTrainer(model=tiny_model(), args=sft_args(tmp_path), train_dataset=Dataset.from_list(chat_rows),
+                    processing_class=tok, callbacks=[SafeguardCallback(c)])
+    with pytest.warns(UserWarning, match="resuming full fine-tuning"):
+        tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    after = next(x for x in engine_of(tr).constraints if isinstance(x, SafetyMonitor)).record()
+    assert [p["step"] for p in after["curve"]] == [0, 1, 2, 3, 4]
+    assert after["curve"][:3] == before["curve"]
+    assert after["refusal_score"]["start"] == before["refusal_score"]["start"]
+    # the drop after resuming is measured from the original baseline, not from the step-2 weights
+    drop = [h["safeguard/monitor_score_drop"] for h in tr.state.log_history if "safeguard/monitor_score_drop" in h]
+    assert drop[-1] == pytest.approx(before["refusal_score"]["start"] - after["refusal_score"]["end"], abs=1e-6)
+
+
+def test_malformed_checkpoint_state_is_refused(artifact_dir, tok):
+    from safeguard_plugin.artifacts import Artifact
+    from safeguard_plugin.errors import SafeguardRuntimeError
+
+    mon = SafetyMonitor(load_config(cfg(artifact_dir)).section("monitor"), Artifact.load(artifact_dir))
+    with pytest.raises(SafeguardRuntimeError, match="malformed"):
+        mon.load_state_dict({"history": [{"step": 0}]})

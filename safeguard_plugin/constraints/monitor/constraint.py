@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -233,6 +234,32 @@ class SafetyMonitor(Constraint):
             "curve": [{"step": s, "refusal_score": float(m.score), "projection": float(m.projection),
                        "cosine": m.mean_cosine} for s, m in self._history],
         }
+
+    # -- checkpoint state: a resumed run keeps the curve, the alert count and the original baseline (under full
+    # fine-tuning the resumed weights are no longer the original model, so prepare() could only re-measure those)
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [{"step": s, "cosine": m.cosine.tolist(), "projection": m.projection, "score": m.score}
+                            for s, m in self._history],
+                "alerts": self._alerts, "safe_step": self._safe_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rows = state.get("history") or []
+        if not rows:
+            return
+        try:
+            history = [(int(r["step"]), Measurement(cosine=torch.tensor([float(x) for x in r["cosine"]]),
+                                                    projection=float(r["projection"]), score=float(r["score"])))
+                       for r in rows]
+        except (KeyError, TypeError, ValueError) as err:
+            raise SafeguardRuntimeError(f"monitor: the checkpoint's monitor state is malformed ({err}); resume from "
+                                        "a checkpoint written by this plugin version") from err
+        if history[0][1].cosine.shape != (len(self._layers),):
+            raise SafeguardRuntimeError(f"monitor: the checkpoint's monitor state measured {history[0][1].cosine.numel()} "
+                                        f"layers, this artifact selects {len(self._layers)}: resume with the same artifact")
+        self._history = history
+        self._baseline = history[0][1]
+        self._alerts = int(state.get("alerts", 0))
+        self._safe_step = int(state.get("safe_step", self._safe_step))
 
     @classmethod
     def calibrate(cls, ctx: CalibrationContext, artifact) -> None:
