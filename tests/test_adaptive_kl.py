@@ -202,6 +202,24 @@ def test_below_floor_is_bit_identical_to_plain_sft(tok, chat_rows, tmp_path):
     assert _logs(tr, "safeguard/akl_ref_forwards") == [0.0, 0.0]
 
 
+def test_zero_lower_bound_trains_low_risk_data_as_plain_sft_and_says_so(tok, chat_rows, tmp_path):
+    """weight_bounds [0, 1] (the recommended preset): risk <= 2 gives w_kl = 0, so benign-only data trains exactly as
+    plain SFT; the run ends with a warning naming the setting instead of the dead-constraint error."""
+    cfg = {"adaptive_kl": {"risk": "constant", "risk_options": {"score": 2}, "weight_bounds": [0.0, 1.0]}}
+    _, plain = train("plain", chat_rows, tok, tmp_path / "p", lora=True, max_steps=2)
+    with pytest.warns(UserWarning, match=r"adaptive_kl computed no penalty in this run: .*weight_bounds \[0.0, 1.0\]"):
+        _, akl = train("callback", chat_rows, tok, tmp_path / "a", cfg, lora=True, max_steps=2)
+    assert max_diff(plain, akl) == 0.0
+    # risk 5: no SFT term at all, only the KL to the reference, which is 0 with zero gradient at the start: full
+    # fine-tuning with SGD does not move
+    init = {k: v.clone() for k, v in tiny_model().state_dict().items()}
+    high = {"adaptive_kl": {"risk": "constant", "risk_options": {"score": 5}, "weight_bounds": [0.0, 1.0]}}
+    kw = dict(optim="sgd", max_grad_norm=1e9, learning_rate=0.05, max_steps=2)
+    _, moved = train("plain", chat_rows, tok, tmp_path / "p2", **kw)
+    _, held = train("callback", chat_rows, tok, tmp_path / "h", high, **kw)
+    assert max_diff(init, moved) > 1e-3 and max_diff(init, held) < 1e-6
+
+
 def test_probe_with_procon_in_one_run(artifact_dir, tok, chat_rows, tmp_path):
     """The bench's combined row: ProCon (decoder layers) + probe-driven adaptive KL (final hidden states)."""
     cfg = {"artifact": str(artifact_dir), "procon": {"weight": 100.0, "warmup_ratio": 0.0},

@@ -20,6 +20,10 @@ class AdaptiveKLConfig(ConstraintConfig):
     risk_floor: float | None = Field(
         None, ge=1, le=5, description="Examples with s below this drop the KL term and train as plain SFT (no reference "
                                       "forward). None (default, as the paper): KL weight never below 0.1.")
+    weight_bounds: list[float] = Field(
+        default_factory=lambda: [0.1, 0.9], min_length=2, max_length=2, description="Clamp range (lo, hi) of both weights: w_kl = clamp((s-2)/3), w_sft = clamp(1 - w_kl). "
+                                "The paper's (0.1, 0.9) still trains a risk-5 example at w_sft 0.1; (0, 1) drops its "
+                                "SFT term and keeps only the KL to the reference.")
     reference: Literal["auto", "live", "precomputed"] = Field(
         "auto", description="π_ref: 'live' = adapter-disabled forward per batch (PEFT only), 'precomputed' = top-k "
                             "reference log-probs cached before training; 'auto' = live for PEFT, precomputed otherwise.")
@@ -31,6 +35,9 @@ class AdaptiveKLConfig(ConstraintConfig):
 
     @model_validator(mode="after")
     def _check_risk(self) -> AdaptiveKLConfig:
+        lo, hi = self.weight_bounds
+        if not 0 <= lo <= 0.5 <= hi <= 1:
+            raise ValueError(f"weight_bounds: need 0 <= lo <= 0.5 <= hi <= 1, got [{lo:g}, {hi:g}]")
         try:
             cls = get_risk_estimator(self.risk)
         except ConfigError:
@@ -46,4 +53,7 @@ class AdaptiveKLConfig(ConstraintConfig):
         if self.risk_floor is not None:
             return (f"every training example scored below adaptive_kl.risk_floor ({self.risk_floor:g}), so all of them "
                     "trained as plain SFT, as configured")
+        if self.weight_bounds[0] == 0:
+            return ("every training example scored risk 2 or less, which with adaptive_kl.weight_bounds "
+                    f"{list(self.weight_bounds)} means w_kl = 0: all of them trained as plain SFT, as configured")
         return None

@@ -21,12 +21,15 @@ W_MIN, W_MAX = 0.1, 0.9
 _CHUNK_ELEMENTS = 1 << 23  # tokens per LM-head chunk = this / vocab (32 MB per float32 (n × V) buffer)
 
 
-def risk_weights(s: torch.Tensor | float | list[float], risk_floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example ``(w_sft, w_kl)`` from risk scores ``s``: w_kl = clamp((s−2)/3, 0.1, 0.9), w_sft = clamp(1−w_kl, 0.1,
-    0.9); below ``risk_floor`` (when set) w_kl = 0 and w_sft = 1 (plain SFT for that example)."""
+def risk_weights(s: torch.Tensor | float | list[float], risk_floor: float | None = None,
+                 bounds: tuple[float, float] = (W_MIN, W_MAX)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ``(w_sft, w_kl)`` from risk scores ``s``: w_kl = clamp((s−2)/3, lo, hi), w_sft = clamp(1−w_kl, lo,
+    hi) with ``bounds`` = (lo, hi) (the paper: 0.1, 0.9; (0, 1) lets a risk-5 example's SFT term vanish); below
+    ``risk_floor`` (when set) w_kl = 0 and w_sft = 1 (plain SFT for that example)."""
+    lo, hi = bounds
     s = torch.as_tensor(s, dtype=torch.float32)
-    w_kl = ((s - 2) / 3).clamp(W_MIN, W_MAX)
-    w_sft = (1 - w_kl).clamp(W_MIN, W_MAX)
+    w_kl = ((s - 2) / 3).clamp(lo, hi)
+    w_sft = (1 - w_kl).clamp(lo, hi)
     if risk_floor is not None:
         below = s < risk_floor
         w_kl = torch.where(below, torch.zeros_like(w_kl), w_kl)
@@ -288,12 +291,12 @@ class AdaptiveKL(Constraint):
         n_new = self._score(rows, batch_size=batch_size, progress=progress)
         n_ref = 0
         if self._mode == "precomputed":
-            _, w_kl = risk_weights(self.risk_of(rows), self.config.risk_floor)
+            _, w_kl = risk_weights(self.risk_of(rows), self.config.risk_floor, self.config.weight_bounds)
             need = [r for r, w in zip(rows, w_kl.tolist()) if w > 0 and r[0] not in self._ref]
             n_ref = self._precompute_reference(need, batch_size, progress)
         if rows:
             s = self.risk_of(rows)
-            _, w_kl = risk_weights(s, self.config.risk_floor)
+            _, w_kl = risk_weights(s, self.config.risk_floor, self.config.weight_bounds)
             logger.info("safeguard: adaptive_kl: %d examples (%d newly scored by '%s'): mean risk %.2f, KL on %.0f%%, "
                         "reference %s%s", len(rows), n_new, self.estimator.name, float(s.mean()),
                         100 * float((w_kl > 0).float().mean()), self._mode,
@@ -365,7 +368,7 @@ class AdaptiveKL(Constraint):
         rows = self._rows(batch.input_ids, batch.labels, batch.attention_mask)
         self._score(rows)  # examples not seen in the pre-training pass (streaming data)
         s = self.risk_of(rows)
-        w_sft, w_kl = risk_weights(s, self.config.risk_floor)
+        w_sft, w_kl = risk_weights(s, self.config.risk_floor, self.config.weight_bounds)
         p = self._p
         p["rows"] += len(rows)
         p["risk"] += float(s.sum())
@@ -439,7 +442,7 @@ class AdaptiveKL(Constraint):
             return
         rows = self._rows(batch.input_ids, batch.labels, batch.attention_mask)
         self._score(rows)
-        w_sft, w_kl = risk_weights(self.risk_of(rows), self.config.risk_floor)
+        w_sft, w_kl = risk_weights(self.risk_of(rows), self.config.risk_floor, self.config.weight_bounds)
         mask = batch.next_token_targets()[0]
         n_row = mask.sum(1).cpu()
         kl_rows = (w_kl > 0) & (n_row > 0)
