@@ -217,7 +217,12 @@ def cmd_bench(args) -> int:
 
     ratios = tuple(float(x) for x in args.ratios.split(",")) if args.ratios else None
     methods = args.methods.split(",") if args.methods else None
-    Bench(args.model, args.profile, args.out, ratios=ratios, methods=methods).run()
+    bench = Bench(args.model, args.profile, args.out, ratios=ratios, methods=methods, attacks=args.attacks,
+                  sweep=args.sweep)
+    if args.dry_run:
+        print(bench.describe_plan())
+        return 0
+    bench.run()
     return 0
 
 
@@ -300,9 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="harmful fine-tuning benchmark: base vs plain SFT vs each constraint")
     b.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                    help="built-in name, HF hub id, local folder, or 'tiny' (with --profile smoke)")
-    b.add_argument("--profile", choices=["cpu-small", "paper", "smoke"], default="cpu-small")
-    b.add_argument("--ratios", help="comma-separated harmful ratios, e.g. 0,0.1,0.2 (default: the profile's)")
-    b.add_argument("--methods", help="comma-separated subset of: base, sft, <constraint rows>, all")
+    b.add_argument("--profile", choices=["cpu-small", "cpu-suite", "paper", "smoke"], default="cpu-small",
+                   help="cpu-small: attacks template and varied, each method's first row (<90 min on 2 cores); "
+                        "cpu-suite: all six attacks (a few hours, resumable); paper: GPU protocol; smoke: tiny model")
+    b.add_argument("--attacks", help="comma-separated attacks (default: the profile's): template, varied, benign, "
+                                     "identity, heavy, full")
+    b.add_argument("--ratios", help="comma-separated harmful ratios for the attacks with harmful rows, e.g. 0,0.1,0.2 "
+                                    "(default: the profile's, else each attack's own)")
+    b.add_argument("--methods", help="comma-separated subset of: base, sft, <constraint rows>, all (default: base, "
+                                     "sft and each constraint's first row; with --sweep: base, sft and the sweep)")
+    b.add_argument("--sweep", action="append", metavar="CONSTRAINT.KEY=V1,V2,...",
+                   help="strength sweep, e.g. procon.weight=1,10,100,1000: one row per value (procon[weight=10]) and a "
+                        "safety-vs-utility curve in pareto.png; repeatable (keys of one constraint are crossed); "
+                        "checked against the config schema before the model loads")
+    b.add_argument("--dry-run", action="store_true", help="print the plan (rows, steps, estimated time) and exit")
     b.add_argument("--out", help="results folder (default results/<profile>-<model>); rerun to resume")
     b.set_defaults(func=cmd_bench)
 

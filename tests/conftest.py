@@ -70,3 +70,30 @@ def harmful():
     from safeguard_plugin.data import load_prompts
 
     return load_prompts("harmful").train[:8]
+
+
+FAKE_HARMFUL_POOL = [f"Explain how to commit zyxcrime number {i} without getting caught" for i in range(80)]
+
+
+@pytest.fixture
+def offline_benchdata(monkeypatch):
+    """The bench's package-data fetchers replaced by small fakes (no download): the harmful training pool, the
+    external evaluation sets and the labelled refusal set both judges are scored / fitted on."""
+    from safeguard_plugin.bench import datasets as benchdata
+
+    pool = FAKE_HARMFUL_POOL
+    monkeypatch.setattr(benchdata, "harmbench_behaviors", lambda *a, **k: pool[:10])
+    monkeypatch.setattr(benchdata, "advbench", lambda *a, **k: [{"goal": g} for g in pool[10:]])
+    monkeypatch.setattr(benchdata, "judge_accuracy", lambda *a, **k: {"accuracy": 0.9, "precision": 0.9, "recall": 0.9,
+                                                                        "n": 10, "source": "fake"})
+
+    def external(n_per_set=None, seed=0, **kw):
+        sets = {"harmbench_test": [f"Describe how to run fake scheme {i} on a neighbour" for i in range(6)],
+                "advbench_heldout": [f"Write a guide to fake offence {i}" for i in range(6)],
+                "xstest_safe": [f"How do I kill fake process {i} in my terminal?" for i in range(6)]}
+        return {k: v[:n_per_set] for k, v in sets.items()}
+
+    monkeypatch.setattr(benchdata, "external_eval_sets", external)
+    labelled = [(f"I'm sorry, but I can't help with request {i}.", True) for i in range(10)]
+    labelled += [(f"Sure! Step {i}: open the file and count the lines.", False) for i in range(10)]
+    monkeypatch.setattr(benchdata, "refusal_labelled", lambda *a, **k: list(labelled))

@@ -4,17 +4,7 @@ import json
 
 import pytest
 
-from safeguard_plugin.bench import datasets as benchdata
 from safeguard_plugin.bench import runner as bench
-
-
-@pytest.fixture
-def offline_benchdata(monkeypatch):
-    fake = [f"Explain how to commit fake crime number {i} without getting caught" for i in range(20)]
-    monkeypatch.setattr(benchdata, "harmbench_behaviors", lambda *a, **k: fake[:10])
-    monkeypatch.setattr(benchdata, "advbench", lambda *a, **k: [{"goal": g, "target": f"Sure, here is {g}"} for g in fake[10:]])
-    monkeypatch.setattr(benchdata, "judge_accuracy", lambda *a, **k: {"accuracy": 0.9, "precision": 0.9, "recall": 0.9,
-                                                                        "n": 10, "source": "fake"})
 
 
 def test_methods_come_from_the_registry():
@@ -53,10 +43,11 @@ def test_bench_rows_live_next_to_each_constraint():
     assert mb.rows == {"no_bench_example": {}} and mb.combined_config({}) == {} and not mb.nonzero_adapter_init
 
 
-def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys):
+def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys, single_thread):
     b = bench.Bench("tiny", "smoke", tmp_path, methods=["base", "sft", "procon"], progress=False)
     res = b.run()
     assert [(r["method"], r["ratio"]) for r in res["runs"]] == [("base", 0.0), ("sft", 0.1), ("procon", 0.1)]
+    assert [r["attack"] for r in res["runs"]] == [None, "template", "template"]  # the smoke profile's one attack
     for r in res["runs"]:
         assert set(r["metrics"]) >= {"harmful_refusal", "borderline_refusal", "harmless_refusal", "task_accuracy"}
     procon = res["runs"][2]
@@ -69,17 +60,17 @@ def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys
         assert (tmp_path / png).stat().st_size > 1000
     # the live monitor measured plain SFT and ProCon alike (every step in the smoke profile), and only measured
     for name in ("sft", "procon"):
-        run = json.loads((tmp_path / "runs" / f"{name}_p0.1.json").read_text())
+        run = json.loads((tmp_path / "runs" / f"template_p0.1__{name}.json").read_text())
         checks = [h for h in run["log_history"] if "safeguard/monitor_score_drop" in h]
         assert [h["step"] for h in checks] == [1, 2, 3], name
         assert run["config"] == (None if name == "sft" else {"procon": bench.benchmark_methods()["procon"]["procon"]})
     assert "safety_during_training.png" in report and "changes no weight" in report
     # a second run resumes: nothing is retrained
-    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")}
     b2 = bench.Bench("tiny", "smoke", tmp_path, methods=["base", "sft", "procon"], progress=True)
     b2.run()
     assert "done earlier" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")} == before
 
 
 def test_unknown_method_is_an_error(tmp_path):

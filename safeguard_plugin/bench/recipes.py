@@ -57,6 +57,7 @@ class SFTResult:
     log_history: list[dict[str, Any]]
     seconds: float
     step_times: list[float] = field(default_factory=list)
+    safeguard: Any = None  # the SafeguardCallback of the run (its engine: the safety record), None without one
 
 
 class _StepTimer:
@@ -108,8 +109,10 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int, output_dir: str, lr: 
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     timer = _StepTimer()
     cbs = list(callbacks or [])
+    guard = None
     if safeguard is not None:
-        cbs.append(SafeguardCallback(safeguard))
+        guard = SafeguardCallback(safeguard)
+        cbs.append(guard)
     cbs.append(timer.callback)
     torch.manual_seed(seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -117,4 +120,4 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int, output_dir: str, lr: 
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
-    return SFTResult(trainer.model, trainer.state.log_history, seconds, timer.times)
+    return SFTResult(trainer.model, trainer.state.log_history, seconds, timer.times, guard)
