@@ -118,6 +118,10 @@ class SafeguardConfig(BaseModel):
     check_first_steps: int = Field(
         3, ge=1, description="Fail the run if no constraint saw a usable position in this many optimizer steps."
     )
+    preset: str | None = Field(
+        None, description="A named configuration: `recommended` (see docs/presets.md). Sections written next to it "
+                          "are merged over the preset's key by key; `<constraint>: {enabled: false}` drops one."
+    )
 
     @field_validator("artifact", mode="before")
     @classmethod
@@ -136,6 +140,14 @@ class SafeguardConfig(BaseModel):
                 data = _unwrap(data)
             except ConfigError as err:
                 raise ValidationError.from_exception_data(cls.__name__, [_error((), data["safeguard"], str(err))]) from None
+        if data.get("preset") is not None:
+            from .presets import apply_preset
+
+            try:
+                data = apply_preset(data)
+            except ConfigError as err:
+                raise ValidationError.from_exception_data(cls.__name__, [_error(("preset",), data["preset"],
+                                                                                 str(err).removeprefix("preset: "))]) from None
         fields = cls.model_fields
         errors: list[InitErrorDetails] = []
         cfg = None
