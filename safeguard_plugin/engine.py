@@ -4,9 +4,11 @@ penalties into gradients, runs after-step edits, guards against NaN, and reports
 Loss routes (both tested to give the same weights):
 
 * ``inject`` (callbacks, plugins): at the penalty point the summed penalty ``P`` is attached to the
-  activation there through an identity autograd function whose backward also sends ``scale`` to ``P``.
-  The gradient is then that of ``loss + P/GA``, whatever the trainer does with the loss (TRL 1.16 builds its
-  loss from fused log-probs, not ``outputs.loss``).
+  activation there through an identity autograd function whose backward also sends ``S/GA`` to ``P``, where ``S``
+  is the current loss scale (:meth:`SafeguardEngine.loss_scale`: fp16 dynamic loss scaling multiplies the loss
+  gradient by it, so the penalty's gradient must be multiplied too; 1 otherwise). The gradient is then that of
+  ``S·(loss + P/GA)``, whatever the trainer does with the loss (TRL 1.16 builds its loss from fused log-probs, not
+  ``outputs.loss``), and the scaler unscales (or skips an overflowing step) as usual.
 * ``collect`` (trainer mixin): the penalty tensor is kept and the trainer adds it to the loss it returns.
 
 Penalty point: the output of the model's final norm (the LM head's input; outside the decoder layers, so outside
@@ -27,7 +29,7 @@ import hashlib
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -87,7 +89,9 @@ class _InjectPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         ctx.engine._backward_seen += 1
-        return grad_h, torch.full((), ctx.scale, dtype=ctx.pdtype, device=grad_h.device), None, None
+        # read at backward time: the loss scale of this backward (a dynamic scaler changes it between steps)
+        loss_scale = torch.as_tensor(ctx.engine.loss_scale(), dtype=ctx.pdtype, device=grad_h.device)
+        return grad_h, torch.full((), ctx.scale, dtype=ctx.pdtype, device=grad_h.device) * loss_scale, None, None
 
 
 def _response_tokens(batch: BatchView) -> int:
@@ -152,6 +156,7 @@ class SafeguardEngine:
         self._refs = ReferenceCache()  # original-model values per constraint and prompt prefix
         self._world = 1  # ranks whose gradients the trainer averages (DDP / DeepSpeed)
         self._collective_forwards = False  # ZeRO-3 with > 1 rank: every rank must run the same forwards
+        self._loss_scale: Callable[[], float | torch.Tensor] | None = None  # set by the integration (fp16 scaling)
         # counters
         self.n_forward = 0
         self.n_rows = 0
@@ -556,6 +561,19 @@ class SafeguardEngine:
     def world_size(self) -> int:
         """Ranks whose gradients the trainer averages (read at ``begin_training``)."""
         return self._world
+
+    def set_loss_scale(self, provider: Callable[[], float | torch.Tensor] | None) -> None:
+        """Where :meth:`loss_scale` reads the trainer's current loss scale from (a function called once per backward;
+        :func:`safeguard_plugin.precision.trainer_loss_scale` for transformers / accelerate / DeepSpeed). The
+        integrations set it at train begin; a custom loop with a ``torch.amp.GradScaler`` sets
+        ``lambda: grad_scaler_scale(scaler)``. None: no loss scaling."""
+        self._loss_scale = provider
+
+    def loss_scale(self) -> float | torch.Tensor:
+        """The factor the trainer's loss scaler multiplies the loss gradient by in the current backward (fp16 dynamic
+        loss scaling), 1.0 without one. The injected penalty gradient is multiplied by it (``inject`` mode; in
+        ``collect`` mode the penalty is part of the scaled loss already)."""
+        return 1.0 if self._loss_scale is None else self._loss_scale()
 
     def request_stop(self, reason: str) -> None:
         """A constraint asks to end training (``stop_reason``: the integrations stop after this step)."""

@@ -127,12 +127,32 @@ def capture_layers(model: nn.Module, layers: Sequence[int], stop_after_last: boo
             h.remove()
 
 
-def run_until(model: nn.Module, **inputs) -> None:
-    """Forward that tolerates :class:`StopForward` (used with ``capture_layers``)."""
+@contextlib.contextmanager
+def _own_forward(model: nn.Module) -> Iterator[None]:
+    """Inside the block ``model`` runs its own forward, not the one accelerate's ``prepare`` put on the instance under
+    mixed precision: that one is wrapped in a single ``torch.autocast`` object, and entering the same object again from
+    inside the training forward (a reference forward in a penalty hook) overwrites the state it restores on exit, so
+    autocast stayed on after the training forward (the optimizer step, weight edits and every later forward in bf16)."""
+    own = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if own is None or wrapped is None:
+        yield
+        return
+    model.forward = own
     try:
-        model(**inputs, use_cache=False)
-    except StopForward:
-        pass
+        yield
+    finally:
+        model.forward = wrapped
+
+
+def run_until(model: nn.Module, **inputs) -> None:
+    """Forward that tolerates :class:`StopForward` (used with ``capture_layers``), at the caller's autocast (the
+    training forward's inside a penalty hook, ``accelerator.autocast()`` in the pre-training pass, none after a step)."""
+    with _own_forward(model):
+        try:
+            model(**inputs, use_cache=False)
+        except StopForward:
+            pass
 
 
 # ------------------------------------------------------------------------------------- final norm, LM head
@@ -190,6 +210,37 @@ def fingerprint_params(model: nn.Module) -> list[torch.Tensor]:
     except Exception:  # noqa: BLE001 - check_model reports the real problem
         return []
     return [model.get_input_embeddings().weight, *blocks[0].parameters(), *blocks[-1].parameters()]
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 ``(out_features, in_features)`` weight of a linear layer (of a PEFT LoRA layer: its base layer's), a
+    new tensor without grad, dequantised when the layer stores it quantised: bitsandbytes 4-/8-bit, HQQ, torchao, or any
+    layer with packed ``W_q`` and a ``dequantize()`` method (PEFT's ``dequantize_module_weight`` knows the formats).
+    The one way calibration reads weights for covariances, SVDs and alignment deltas."""
+    if is_lora_layer(module):
+        module = module.get_base_layer()
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and type(w) in (torch.Tensor, nn.Parameter) and w.dtype.is_floating_point:
+        return w.detach().float().clone()
+    from peft.utils.integrations import dequantize_module_weight
+
+    dense = dequantize_module_weight(module)
+    if not (isinstance(dense, torch.Tensor) and dense.dtype.is_floating_point):
+        raise SafeguardRuntimeError(f"cannot read the weights of {type(module).__name__}: it stores them quantised in a "
+                                    "format without a dequantize method; calibrate the unquantised model")
+    return dense.detach().float().clone()
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a linear layer (of a LoRA layer's base), also when its weight is stored
+    packed (quantised) or partitioned (ZeRO-3)."""
+    from .distributed import param_shape
+
+    if is_lora_layer(module):
+        module = module.get_base_layer()
+    if isinstance(getattr(module, "out_features", None), int) and isinstance(getattr(module, "in_features", None), int):
+        return module.out_features, module.in_features
+    return tuple(param_shape(module.weight))
 
 
 def check_quantized_device(model: nn.Module) -> None:

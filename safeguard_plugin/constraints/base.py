@@ -221,6 +221,12 @@ class Runtime(Protocol):
         """Ask the integration to end training after this step, with ``reason`` logged (e.g. a safety alert)."""
         ...
 
+    def loss_scale(self) -> float | torch.Tensor:
+        """The factor fp16 dynamic loss scaling multiplies the loss gradient by in the current backward (1.0 without
+        it). The engine already applies it to every penalty's gradient; only a constraint that writes gradients itself
+        (outside the penalty's autograd graph) must multiply them by it."""
+        ...
+
 
 @dataclass
 class TrainContext:

@@ -27,6 +27,7 @@ from ..config import SafeguardConfig
 from ..constraints.base import TrainingSetup
 from ..engine import SafeguardEngine, SafeguardRuntimeError
 from ..modeling import is_peft_model, unwrap_model
+from ..precision import trainer_loss_scale
 from ..record import run_record, write_model_card
 from ..registry import get_constraint
 
@@ -284,6 +285,9 @@ class SafeguardCallback(TrainerCallback):
         if self.engine.model is None or current is not self.engine.model:
             self.bind(self.trainer, current, processing_class)
         self.engine.begin_training(state.max_steps, args.gradient_accumulation_steps, state.global_step)
+        if self.trainer is not None:  # fp16: the injected penalty gradient gets the scaler's current loss scale
+            trainer = self.trainer
+            self.engine.set_loss_scale(lambda: trainer_loss_scale(trainer))
         if state.global_step > 0:  # resuming: the weights are no longer the original ones
             ckpt = _resume_checkpoint(self) or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if self.engine.load_state(ckpt):

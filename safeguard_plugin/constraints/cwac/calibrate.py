@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ...modeling import is_lora_layer, iter_block_linears
+from ...modeling import dense_weight, is_lora_layer, iter_block_linears
 from .config import SAE, SAE_DIR, CWACConfig, CWACError
 
 if TYPE_CHECKING:
@@ -174,7 +174,8 @@ def alignment_subspaces(model: nn.Module, base_model: nn.Module, cfg: CWACConfig
     tensors, layers = {}, {}
     gen = torch.Generator().manual_seed(0)
     for k, m in mods.items():
-        W, W0 = _base_linear(m).weight.float(), _base_linear(base[k]).weight.float().to(m.weight.device)
+        W = dense_weight(m)  # float32, dequantised for a quantised model
+        W0 = dense_weight(base[k]).to(W.device)
         if W.shape != W0.shape:
             raise CWACError(f"cwac: {k} is {tuple(W.shape)} in the aligned model, {tuple(W0.shape)} in the base model")
         D = (W - W0).cpu()

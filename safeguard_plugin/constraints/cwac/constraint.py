@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ...distributed import get_full_param, set_full_param
-from ...modeling import is_lora_layer, matches_targets
+from ...modeling import is_lora_layer, linear_shape, matches_targets
 from ..base import BatchView, CalibrationContext, Constraint, TrainContext
-from .calibrate import _base_linear, alignment_subspaces, calibrate_sae, gradient_subspaces, target_linears
+from .calibrate import alignment_subspaces, calibrate_sae, gradient_subspaces, target_linears
 from .config import SAE, SUBSPACE, CWACConfig, CWACError
 
 logger = logging.getLogger("safeguard_plugin")
@@ -114,8 +114,7 @@ class CWAC(Constraint):
             for key, (U, V) in self.bases.items():
                 if key not in mods:
                     raise CWACError(f"cwac: the artifact's layer {key} does not exist in this model")
-                w = _base_linear(mods[key]).weight
-                shape = tuple(param_shape(w))  # ZeRO-3 partitions hold an empty tensor
+                shape = linear_shape(mods[key])  # also for a quantised (packed) or ZeRO-3-partitioned weight
                 if (U is not None and U.shape[0] != shape[0]) or (V is not None and V.shape[0] != shape[1]):
                     raise CWACError(f"cwac: {key} is {shape} in the model; the artifact's subspace does not fit")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import SafeguardRuntimeError
-from ...modeling import is_lora_layer, iter_block_linears, matches_targets
+from ...modeling import dense_weight, is_lora_layer, iter_block_linears, matches_targets
 from .config import COMPONENT, GuardSpaceConfig, GuardSpaceError, _config
 
 _DEDUP_PREFIX = True  # count the prompts' common prefix once (weight N); switch for tests
@@ -349,12 +349,9 @@ def compute_guardspace(model: nn.Module, tokenizer, prompts: list[str], config: 
                     C.diagonal().add_(damp * mean_diag)
                     damp *= 2
                 for key in members:
-                    W = mods[key].weight.detach()
-                    if W.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                        raise GuardSpaceError(f"guardspace calibration: '{key}' has {W.dtype} weights; calibrate the "
-                                              "unquantized model (QLoRA can then train on the quantized one)")
+                    W = dense_weight(mods[key]).to(C.device)  # float32, dequantised for a quantised (QLoRA) base
                     # W·C_d: float32 product for wide layers (kept σ ≥ 1e-5 σ_max, else a full SVD is used)
-                    M = (W.float() @ C.float()).double() if W.shape[1] > EXACT_EIGH_MAX else W.double() @ C
+                    M = (W @ C.float()).double() if W.shape[1] > EXACT_EIGH_MAX else W.double() @ C
                     U, S, Vh, sig2 = _smallest_components(M, cfg.calibration.calibration_rank)
                     del M
                     with _one_thread():

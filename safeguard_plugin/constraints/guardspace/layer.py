@@ -45,14 +45,23 @@ class NullSpaceLoraA(nn.Linear):
         self.project_in_forward = True
         self._clean_version: int | None = None  # weight._version right after the last projection
 
+    def _project(self, w: torch.Tensor) -> torch.Tensor:
+        """``w P`` computed in float32 (autocast off; the basis and P are kept in float32) and rounded once to ``w``'s
+        dtype: with bf16 factors a bf16 product (or a bf16-rounded basis, whose P is no longer a projector) would leave
+        a few 2^-8 of ``w`` in the protected subspace at every step."""
+        with torch.autocast(w.device.type, enabled=False):
+            wf = w.float()
+            if self.gs_dense is not None and self.gs_dense.dtype == torch.float32:
+                out = wf @ self.gs_dense
+            else:  # also when a cast of the model (buffers included) rounded P: from the basis, in float32
+                R = self.gs_basis.float()
+                out = torch.addmm(wf, wf @ R, R.T, alpha=-1.0)  # A − (A R) Rᵀ = A P
+        return out.to(w.dtype)
+
     def projected_weight(self) -> torch.Tensor:
-        w = self.weight
-        if self.gs_dense is not None:
-            return w @ self.gs_dense
-        if self.gs_basis is None:
-            return w
-        R = self.gs_basis
-        return torch.addmm(w, w @ R, R.T, alpha=-1.0)  # A − (A R) Rᵀ = A P
+        if self.gs_dense is None and self.gs_basis is None:
+            return self.weight
+        return self._project(self.weight)
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -61,13 +70,7 @@ class NullSpaceLoraA(nn.Linear):
 
         if self.gs_basis is None:
             return
-        A = get_full_param(self.weight)
-        if self.gs_dense is not None:
-            new = A @ self.gs_dense.to(A.dtype)
-        else:
-            R = self.gs_basis.to(A.dtype)
-            new = torch.addmm(A, A @ R, R.T, alpha=-1.0)
-        set_full_param(self.weight, new)
+        set_full_param(self.weight, self._project(get_full_param(self.weight)))  # float32 in, rounded once on write
         self._clean_version = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,12 +191,12 @@ def _install(layer: nn.Module, adapter: str, mode: str, basis: torch.Tensor | No
              dense_cache: dict[int, torch.Tensor] | None = None) -> None:
     """Swap the LoRA layer's class and replace ``lora_A[adapter]`` with the projected version (init = current A, B)."""
     src = layer.lora_A[adapter]
-    dev, dt = src.weight.device, src.weight.dtype
+    dev = src.weight.device
     init_A = src.weight.detach().clone()
     init_B = layer.lora_B[adapter].weight.detach().clone()
     key = id(basis)
-    if basis is not None and (basis.device != dev or basis.dtype != dt):
-        basis = basis.to(device=dev, dtype=dt)
+    if basis is not None:  # float32 whatever the adapter's dtype: the projector maths stays exact (see _project)
+        basis = basis.to(device=dev, dtype=torch.promote_types(basis.dtype, torch.float32))
     dense = _dense_projector(basis, dense_cache if dense_cache is not None else {}, key)
     layer.lora_A[adapter] = NullSpaceLoraA(src, basis, init_A, init_B, dense)
     layer.__class__ = _guardspace_class(type(layer))

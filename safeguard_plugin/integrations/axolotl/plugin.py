@@ -15,9 +15,9 @@ The plugin knows no constraint by name: what a constraint needs from the run is 
 * ``get_input_args``    -- the nested ``safeguard:`` block (``args.SafeguardArgs``, our one schema, plus config-level
   checks: ``requires_lora_adapter`` needs ``adapter: lora|qlora``, ``requires_unfused_lora`` the fused kernels off,
   and each constraint's ``check_training``).
-* ``pre_model_load``    -- before the model is built: refuse 4/8-bit loading without CUDA (bitsandbytes), fp16
-  mixed precision (its loss scaling does not reach the injected penalty gradient), and
-  fused LoRA kernels that are still on with a constraint that ``requires_unfused_lora``.
+* ``pre_model_load``    -- before the model is built: refuse 4/8-bit loading without CUDA (bitsandbytes) and
+  fused LoRA kernels that are still on with a constraint that ``requires_unfused_lora``. fp16 works: the callback
+  multiplies the injected penalty gradient by the trainer's current loss scale (``safeguard_plugin.precision``).
 * ``pre_lora_load``     -- seed torch's RNG with the YAML's ``seed:`` (default 42) for the LoRA initialisation that
   follows (Axolotl 0.19 does not, and torch 2.13 starts every process from a random seed: see ``LORA_SEED_LINE``,
   shown in the banner), with or without a ``safeguard:`` block; with a constraint that ``calibrates_base_layers``,
@@ -27,7 +27,7 @@ The plugin knows no constraint by name: what a constraint needs from the run is 
   attention may already be patched for its fused LoRA kernels and cannot run a forward.
 * ``add_callbacks_post_trainer`` -- bind the callback to the trainer's final (PEFT-wrapped) model; it then
   precomputes reference values at train begin through Axolotl's dataloader/collator, scales the injected
-  gradient by ``1/gradient_accumulation_steps``, runs after-step work in ``on_step_end``, adds its metrics to
+  gradient by ``1/gradient_accumulation_steps`` and the trainer's fp16 loss scale, runs after-step work in ``on_step_end``, adds its metrics to
   the trainer's normal step logs (``trainer.log``); the trainer's own saves (every ``checkpoint-N``) write what a
   constraint that ``owns_model_save`` adds (e.g. GuardSpace: a standard PEFT adapter with the projector folded in).
 * ``post_train`` (Axolotl calls it twice: before and after its own model save) -- with a constraint that
@@ -283,14 +283,6 @@ def open_cpu_process_group(cfg: Any) -> str | None:
     return "  deepspeed without CUDA: gloo process group opened (1 process; Axolotl would ask for NCCL)"
 
 
-FP16_MESSAGE = (
-    "safeguard: this config trains in fp16 mixed precision (`fp16: true`, or `bf16: auto` on a device without bf16, "
-    "which Axolotl turns into fp16 unless `fp16: false` is set). fp16's loss scaling multiplies the loss gradient "
-    "but not the penalty gradient the plugin injects, so the constraints would be weakened by the loss scale "
-    "(~65536) without any error. Set `fp16: false` (with `bf16: auto` this trains in bf16 where the GPU has it, "
-    "else fp32), or `bf16: true`.")
-
-
 def _reentrant(cfg: Any) -> bool:
     kwargs = cfg.get("gradient_checkpointing_kwargs") or {}
     return bool(kwargs.get("use_reentrant"))
@@ -406,8 +398,6 @@ class SafeguardPlugin(BasePlugin):
                 "GPU; no CUDA device is visible here. Run it on a GPU machine, or, to try it on CPU, set "
                 "`adapter: lora` and `load_in_4bit: false` / `load_in_8bit: false`."
             )
-        if cfg.get("fp16"):
-            raise ConfigError(FP16_MESSAGE)
         unfused = constraints_with(sg, "requires_unfused_lora")
         on = fused_kernel_conflicts(cfg) if unfused else []
         if on:  # too late to switch off: Axolotl patched the attention class before this hook
