@@ -75,3 +75,20 @@ def test_weight_bounds_let_a_high_risk_example_drop_its_sft_term():
     assert w_sft.tolist() == pytest.approx([1.0, 0.5, 0.0]) and w_kl.tolist() == pytest.approx([0.0, 0.5, 1.0])
     with pytest.raises(ConfigError, match=r"weight_bounds: need 0 <= lo <= 0.5 <= hi <= 1, got \[0.6, 0.9\]"):
         load_config({"artifact": "a", "adaptive_kl": {"weight_bounds": [0.6, 0.9]}})
+
+
+def test_example_yaml_loads_the_preset():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "example_yamls" / "recommended.yaml")
+    assert cfg.preset == "recommended" and set(cfg.constraint_configs()) == set(PRESETS["recommended"])
+
+
+@pytest.mark.parametrize("kind", ["callback", "mixin"])
+def test_the_preset_trains_through_trl_with_each_of_its_constraints(artifact_dir, tok, chat_rows, tmp_path, kind):
+    from helpers import train
+
+    tr, _ = train(kind, chat_rows, tok, tmp_path, {"artifact": str(artifact_dir), "preset": "recommended"}, lora=True,
+                  max_steps=2)
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all("safeguard/procon_loss" in h and "safeguard/akl_risk_mean" in h for h in logs)
