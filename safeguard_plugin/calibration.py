@@ -156,14 +156,18 @@ def _existing(out_dir: Path, model, data: dict) -> Artifact | None:
     art = Artifact.load(out_dir)
     problems = compare_fingerprints(art.manifest["model"]["fingerprint"], model_fingerprint(model))
     if problems:
-        raise ArtifactError(f"{out_dir} holds an artifact for another model ({problems[0]}); give a new --out, or pass "
-                            "--recompute to replace it")
+        raise ArtifactError(f"{out_dir} holds an artifact for another model ({problems[0]}); {_ELSEWHERE}")
     old = {k: (v or {}).get("sha256") for k, v in art.manifest.get("data", {}).items()}
     new = {k: v["sha256"] for k, v in data.items()}
     if old != new:
-        raise ArtifactError(f"{out_dir} was calibrated on other prompts (data sha256 {old} vs {new}); give a new --out, "
-                            "use the same --harmful/--harmless/--limit, or pass --recompute to replace it")
+        raise ArtifactError(f"{out_dir} was calibrated on other prompts (data sha256 {old} vs {new}); use the same "
+                            f"--harmful/--harmless/--limit, or {_ELSEWHERE}")
     return art
+
+
+# the two ways out, for the command line and for an Axolotl YAML (whose calibration has no --recompute)
+_ELSEWHERE = ("write it to another folder (`safeguard calibrate --out`; `safeguard.artifact:` in an Axolotl YAML), or "
+              "replace it (`safeguard calibrate --recompute`; under Axolotl, delete the folder and it is recalibrated)")
 
 
 def _seconds_per_batch(ctx: CalibrationContext) -> float:
