@@ -11,7 +11,7 @@ BUILT_IN = ("procon", "monitor", "adaptive_kl", "cwac", "guardspace")
 def test_schema_types_every_registered_section():
     schema = SafeguardConfig.model_json_schema()
     registry = available_constraints()
-    assert set(schema["properties"]) == {"artifact", "nan_policy", "strict_fingerprint", "check_first_steps",
+    assert set(schema["properties"]) == {"artifact", "nan_policy", "strict_fingerprint", "check_first_steps", "preset",
                                          *registry}
     defs = schema["$defs"]
     for name, cls in registry.items():

@@ -45,12 +45,16 @@ def _float_fields(model, prefix=""):
     for field, info in model.model_fields.items():
         if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
             yield from _float_fields(info.annotation, f"{prefix}{field}.")
+        elif typing.get_origin(info.annotation) is list and typing.get_args(info.annotation) == (float,):
+            yield f"{prefix}{field}.0"  # a list of floats: its first item
         elif float in typing.get_args(info.annotation) or info.annotation is float:
             yield f"{prefix}{field}"
 
 
 def _nested(path: str, value):
     head, _, rest = path.partition(".")
+    if rest == "0":  # a list of floats (e.g. adaptive_kl.weight_bounds): the bad value first, a valid one after
+        return {head: [value, 0.9]}
     return {head: _nested(rest, value) if rest else value}
 
 

@@ -37,7 +37,7 @@ class AdaptiveKLConfig(ConstraintConfig):
     def _check_risk(self) -> AdaptiveKLConfig:
         lo, hi = self.weight_bounds
         if not 0 <= lo <= 0.5 <= hi <= 1:
-            raise ValueError(f"weight_bounds: need 0 <= lo <= 0.5 <= hi <= 1, got [{lo:g}, {hi:g}]")
+            raise ConfigError(f"weight_bounds: need 0 <= lo <= 0.5 <= hi <= 1, got [{lo:g}, {hi:g}]")
         try:
             cls = get_risk_estimator(self.risk)
         except ConfigError:
