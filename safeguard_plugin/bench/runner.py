@@ -10,12 +10,15 @@ Protocol (per attack of the suite; every method trains on the same data with the
   ``template``, diverse generated instructions with real answers. Evaluation prompts are disjoint (hash-checked).
 * methods: ``base`` (no fine-tuning; once, or once per evaluation system prompt), ``sft`` (plain SFT), the rows of
   each registered constraint (the ``BENCHMARK_ROWS`` of the ``bench`` module in its package; without one, a row with
-  its default config; by default only each constraint's first row), ``all`` (each constraint's first row, combined)
-  and strength sweeps (``--sweep procon.weight=1,10,100``: rows ``procon[weight=10]``). A method that needs a LoRA
+  its default config; by default only each constraint's first row), ``all`` (each constraint's first row, combined),
+  one row per preset (``recommended``: :mod:`safeguard_plugin.presets`) and strength sweeps (``--sweep procon.weight=1,10,100``: rows ``procon[weight=10]``). A method that needs a LoRA
   adapter gets a "not applicable" row under full fine-tuning.
+* evaluation sets: our held-out harmful / borderline / harmless prompts and the external sets (HarmBench test, AdvBench
+  held-out, an XSTest-style safe set: :func:`~safeguard_plugin.bench.datasets.external_eval_sets`).
 * metrics: refusal on every evaluation set (harmful sets: kept ↑; borderline/harmless sets: over-refusal ↓; the kind
-  comes from :func:`safeguard_plugin.eval.set_kind`), task accuracy, template collapse, train loss, step-time and
-  training-memory ratios vs plain SFT, and the keyword judge's accuracy on a labelled set.
+  comes from :func:`safeguard_plugin.eval.set_kind`) by the keyword judge and by a second judge that shares no keyword
+  list (``<set>_refusal_j2``, their agreement and kappa per run; both judges' accuracy on a labelled set in the
+  report), task accuracy, template collapse, train loss, step-time and training-memory ratios vs plain SFT.
 * output: ``<out>/results.json``, ``report.md``, PNG plots (``pareto.png`` with a sweep); each finished run is saved
   as it ends (``runs/<attack>_p<ratio>__<method>.json``), so an interrupted bench resumes where it stopped; every
   trained run also gets ``runs/<run>/README.md`` (the model-card section) and ``safeguard_run.json``, no weights.
