@@ -369,6 +369,7 @@ class Bench:
         self.progress = progress
         self.reused = 0  # runs taken from an earlier invocation (not timed by this one)
         self._model = self._tok = None
+        self._judge = None  # the second refusal judge, fitted once per bench
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -526,7 +527,9 @@ class Bench:
         sets = {name: {"kind": set_kind(name, r), "n": r["n"]} for name, r in res.items()}
         metrics: dict[str, Any] = {}
         keyword, second = [], []  # both judges' verdicts on every response, for their agreement
-        j2 = judges.second_judge()
+        if self._judge is None:
+            self._judge = judges.second_judge()
+        j2 = self._judge
         for name, r in res.items():
             metrics[f"{name}_refusal"] = r["refusal_rate"]
             metrics[f"{name}_score"] = r["refusal_score"]
