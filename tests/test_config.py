@@ -1,6 +1,11 @@
+from pathlib import Path
+
 import pytest
+import yaml
 
 from safeguard_plugin.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_valid_dict_and_yaml(tmp_path):
@@ -49,3 +54,12 @@ def test_bad_yaml(tmp_path):
     p.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(p)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "example_yamls").glob("*.yaml")
+                                        if not p.name.startswith("axolotl_")))
+def test_trl_example_yamls_share_one_shape(name):
+    """Every TRL example nests its settings under ``safeguard:`` (the Axolotl suite validates that block alone)."""
+    raw = yaml.safe_load((ROOT / "example_yamls" / name).read_text())
+    assert list(raw) == ["safeguard"], f"{name}: put the settings under a top-level `safeguard:` key"
+    assert load_config(ROOT / "example_yamls" / name).constraint_configs()
