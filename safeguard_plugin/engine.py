@@ -163,6 +163,7 @@ class SafeguardEngine:
         self.n_rows_found = 0
         self.n_rows_ref_missing = 0
         self.n_reference_forwards = 0  # no-grad forwards of the original weights (precompute + per batch)
+        self.n_policy_forwards = 0  # forwards of the trained weights on other inputs (constraints' anchor prompts)
         self.nan_skipped = 0
         self._pen_sum = 0.0
         self._pen_n = 0
@@ -515,6 +516,33 @@ class SafeguardEngine:
         if "h" not in store:
             raise SafeguardRuntimeError("the reference forward did not reach the final norm")
         self.n_reference_forwards += 1
+        return store["h"]
+
+    def policy_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states ``(B, T, d)`` of the weights being trained, *with* autograd graph, for inputs other than
+        the training batch (e.g. anchor prompts): the engine's hooks are inactive in this forward, adapters stay on,
+        and the forward stops at the final norm. Counted in ``n_policy_forwards``."""
+        norm = self._final_norm if self._final_norm is not None else find_final_norm(self.model)
+        store: dict[str, torch.Tensor] = {}
+        z3 = zero3_active(self.model)
+
+        def grab(_mod, _inp, out):
+            store["h"] = out[0] if isinstance(out, tuple) else out
+            if not z3:
+                raise StopForward
+
+        kwargs.pop("use_cache", None)
+        prev = self._in_reference
+        self._in_reference = True  # the engine's hooks stay out of this forward
+        handle = norm.register_forward_hook(grab)
+        try:
+            run_until(self.model, input_ids=input_ids, **kwargs)
+        finally:
+            handle.remove()
+            self._in_reference = prev
+        if "h" not in store:
+            raise SafeguardRuntimeError("the policy forward did not reach the final norm")
+        self.n_policy_forwards += 1
         return store["h"]
 
     # ------------------------------------------------------------------------------------ checkpoint state

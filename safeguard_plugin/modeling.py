@@ -145,6 +145,9 @@ def _own_forward(model: nn.Module) -> Iterator[None]:
         model.forward = wrapped
 
 
+own_forward = _own_forward  # public name: a forward of the model's own (not accelerate's autocast-wrapped) forward
+
+
 def run_until(model: nn.Module, **inputs) -> None:
     """Forward that tolerates :class:`StopForward` (used with ``capture_layers``), at the caller's autocast (the
     training forward's inside a penalty hook, ``accelerator.autocast()`` in the pre-training pass, none after a step)."""

@@ -5,7 +5,7 @@ from safeguard_plugin import config_docs
 from safeguard_plugin.config import SafeguardConfig, config_model
 from safeguard_plugin.registry import available_constraints
 
-BUILT_IN = ("procon", "monitor", "adaptive_kl", "cwac", "guardspace")
+BUILT_IN = ("procon", "monitor", "adaptive_kl", "cwac", "guardspace", "anchor")
 
 
 def test_schema_types_every_registered_section():

@@ -175,7 +175,7 @@ def test_builtin_capabilities_declared():
     assert classes["guardspace"].requires_lora_adapter and classes["guardspace"].requires_unfused_lora
     assert classes["guardspace"].owns_model_save and classes["guardspace"].calibrates_base_layers
     assert classes["cwac"].calibrates_base_layers
-    for name in ("procon", "monitor", "adaptive_kl", "cwac"):
+    for name in ("procon", "monitor", "adaptive_kl", "cwac", "anchor"):
         assert not classes[name].requires_unfused_lora and not classes[name].requires_lora_adapter, name
     with pytest.raises(ConfigError, match="one example per row"):
         classes["adaptive_kl"].check_training(classes["adaptive_kl"].config_class(),

@@ -58,6 +58,7 @@ PROCON_WEIGHT, SAE_WEIGHT = 0.05, 0.001  # the penalty and the CE gradient of si
 MONITOR = {"every_n_steps": 1, "n_prompts": 4}
 # the shared artifact (hidden 64) keeps 2 null-space dims per layer at the default null_energy; 0.05 keeps more
 GUARDSPACE = {"null_energy": 0.05}
+ANCHOR = {"weight": 100.0, "pool_size": 8, "tokens": 4, "batch_size": 2}
 CONSTRAINTS = {
     "procon": {"procon": {"weight": PROCON_WEIGHT, "warmup_ratio": 0.0}},
     "cwac": {"cwac": {"sae_weight": SAE_WEIGHT}},
@@ -65,14 +66,17 @@ CONSTRAINTS = {
     "adaptive_kl_precomputed": {"adaptive_kl": {"risk": "probe", "reference": "precomputed"}},
     "guardspace": {"guardspace": GUARDSPACE},
     "monitor": {"monitor": MONITOR},
+    "anchor": {"anchor": ANCHOR},
     "all": {"procon": {"weight": PROCON_WEIGHT, "warmup_ratio": 0.0}, "cwac": {"sae_weight": SAE_WEIGHT},
-            "adaptive_kl": {"risk": "probe"}, "monitor": MONITOR},
+            "adaptive_kl": {"risk": "probe"}, "monitor": MONITOR, "anchor": ANCHOR},
 }
 # metrics each constraint logs (one per constraint is enough to show it ran and reported)
 METRICS = {"procon": ["safeguard/procon_loss"], "cwac": ["safeguard/cwac_sae_loss", "safeguard/cwac_projected_matrices"],
            "adaptive_kl_live": ["safeguard/akl_ce"], "adaptive_kl_precomputed": ["safeguard/akl_kl"],
-           "guardspace": ["safeguard/guardspace_update_norm"], "monitor": ["safeguard/monitor_alerts"]}
-METRICS["all"] = METRICS["procon"] + ["safeguard/cwac_sae_loss", "safeguard/akl_ce"] + METRICS["monitor"]
+           "guardspace": ["safeguard/guardspace_update_norm"], "monitor": ["safeguard/monitor_alerts"],
+           "anchor": ["safeguard/anchor_kl"]}
+METRICS["all"] = METRICS["procon"] + ["safeguard/cwac_sae_loss", "safeguard/akl_ce"] + METRICS["monitor"] \
+    + METRICS["anchor"]
 # a penalty strong enough that its scaled fp16 gradient overflows at the default scale
 OVERFLOW = {"procon": {"weight": 20.0, "warmup_ratio": 0.0}}
 LORA_ONLY = {"guardspace": "GuardSpace trains LoRA adapters only (requires_lora_adapter)",

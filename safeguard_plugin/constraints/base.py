@@ -217,6 +217,12 @@ class Runtime(Protocol):
         ``kwargs``: attention_mask / position_ids / token_type_ids."""
         ...
 
+    def policy_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states ``(B, T, d)`` of the weights being trained, with autograd graph, for inputs other than
+        the training batch (e.g. anchor prompts; the engine's hooks are inactive in it). Call it from ``prefetch`` or
+        ``penalty``; a penalty built on it reaches the gradient like any other."""
+        ...
+
     def request_stop(self, reason: str) -> None:
         """Ask the integration to end training after this step, with ``reason`` logged (e.g. a safety alert)."""
         ...
