@@ -45,6 +45,13 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+# A graph-carrying second forward inside the training forward breaks ZeRO-3's parameter gathering in the backward
+# ("size of tensor a (64) must match the size of tensor b (0)", tests/test_deepspeed.py); ZeRO-2 is tested and works.
+ZERO3_MESSAGE = ("anchor does not run under DeepSpeed ZeRO-3 (its extra forward of the anchor prompts inside the "
+                 "training forward breaks ZeRO-3's parameter gathering in the backward): use ZeRO-2 (or no DeepSpeed), "
+                 "or remove the anchor section (preset: recommended users: `anchor: {enabled: false}`)")
+
+
 class Anchor(Constraint):
     name = "anchor"
     config_class = AnchorConfig
@@ -158,6 +165,12 @@ class Anchor(Constraint):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos[:, -1:] + 1
         return (torch.stack(out_lp, 1), torch.stack(out_rest, 1), torch.stack(out_idx, 1), torch.stack(out_ok, 1))
+
+    def prepare(self, ctx: TrainContext) -> None:
+        from ...distributed import zero3_active
+
+        if zero3_active(ctx.model):
+            raise ConfigError(ZERO3_MESSAGE)
 
     def precompute(self, ctx: TrainContext, batches: list[dict[str, Any]], batch_size: int = 16,
                    progress: bool = True) -> int:
