@@ -40,6 +40,10 @@ VARIANTS = {
     "guardspace_forward": {"guardspace": {"null_energy": 0.01, "projection": "forward"}},
     # ... with massive-activation directions blocked outside the energy budget (needed on SmolLM2)
     "guardspace_massive": {"guardspace": {"null_energy": 0.01, "massive_share": 0.9}},
+    # the anchor: one extra forward + backward of its prompts per micro-batch (reference answers decoded once)
+    "anchor": {"anchor": {}},
+    # the recommended preset as it ships (safeguard_plugin/presets.py)
+    "recommended": {"preset": "recommended"},
 }
 
 
@@ -107,7 +111,9 @@ def main() -> int:
 
         model, tok = _load(args.model)
         args.artifact = str(Path(tempfile.mkdtemp()) / "artifact")
-        names = sorted({n for v in args.variants.split(",") for n in (VARIANTS[v] or {})})
+        from safeguard_plugin.presets import apply_preset
+
+        names = sorted({n for v in args.variants.split(",") for n in apply_preset(VARIANTS[v] or {}) if n != "preset"})
         # one artifact serves every variant: GuardSpace is calibrated with massive_share when a variant sets it (its
         # range basis then covers the variants without it too)
         cal_cfg = {n: sec for v in args.variants.split(",") for n, sec in (VARIANTS[v] or {}).items()

@@ -91,4 +91,5 @@ def test_the_preset_trains_through_trl_with_each_of_its_constraints(artifact_dir
     tr, _ = train(kind, chat_rows, tok, tmp_path, {"artifact": str(artifact_dir), "preset": "recommended"}, lora=True,
                   max_steps=2)
     logs = [h for h in tr.state.log_history if "loss" in h]
-    assert len(logs) == 2 and all("safeguard/procon_loss" in h and "safeguard/akl_risk_mean" in h for h in logs)
+    assert len(logs) == 2 and all("safeguard/procon_loss" in h and "safeguard/akl_risk_mean" in h
+                                    and "safeguard/anchor_kl" in h for h in logs)
