@@ -86,20 +86,20 @@ class BenchProfile:
     # time estimate printed before a run (assumptions, not measurements; see estimate()): seconds per LoRA step,
     # per evaluated prompt (generation + refusal score), for calibration and model loading; full fine-tuning's step
     # costs est_full_step_factor LoRA steps; est_method_step_factor: per constraint
-    est_step_s: float = 6.0
-    est_eval_prompt_s: float = 0.8
+    est_step_s: float = 12.0
+    est_eval_prompt_s: float = 1.8
     est_calibration_s: float = 600.0
     est_load_s: float = 60.0
     est_full_step_factor: float = 2.5
     est_method_step_factor: dict[str, float] = field(default_factory=lambda: {"adaptive_kl": 1.5})
 
 
-# Sizing of the CPU profiles (2 cores). Assumed, from the brief and docs/measured.md, not measured here: ~6 s per
-# LoRA step of the 0.5B model at batch 8 (docs/measured.md saw 7.9-11.9 s on a busier machine), ~0.8 s per evaluated
-# prompt at 24 new tokens, batch 16 (100-120 s for 145 prompts), ~10 min to calibrate the four methods (CWAC 3 min 7 s
-# and GuardSpace 277 s measured), adaptive KL 1.4-1.6x the plain step. cpu-small = base + sft + 4 methods x 2 attacks:
-# 10 trained runs of 30 steps and 11 evaluations of 128 prompts; with 5 more evaluation sets of ~32 prompts (160 per
-# evaluation) it still fits 90 min (test_bench_attacks checks this arithmetic).
+# Sizing of the CPU profiles (2 cores), measured on an idle machine with the 0.5B model (cpu-small, 2026-12-07): a LoRA
+# step at batch 8 takes 10.8-12.4 s (constraint rows) and an evaluation of the 184 cpu-small prompts (HarmBench's
+# contextual prompts are long) about 5.5 min, i.e. ~1.8 s per prompt at 24 new tokens, batch 16. So base + sft +
+# recommended on template and varied (4 trained runs, 5 evaluations) takes about an hour, and every method's row
+# (14 trained runs) about 2.5 hours: more than the 90 min the cpu-small profile was once sized for
+# (test_bench_attacks checks this arithmetic).
 _CPU_EVAL = {"n_harmful_eval": 32, "n_external": 24, "n_borderline": 24, "n_harmless": 24, "n_task": 32}
 RESERVE_EVAL_PROMPTS = 160  # evaluation sets expected to be added later (about 5 x 32 prompts)
 
@@ -108,7 +108,7 @@ def _profiles() -> dict[str, BenchProfile]:
     return {
         "cpu-small": BenchProfile(
             name="cpu-small",
-            description=("small CPU profile (2 cores, <90 min): attacks template and varied, 200 training examples, 30 "
+            description=("small CPU profile (2 cores; base + sft + recommended ~1 h, every method ~2.5 h): attacks template and varied, 200 training examples, 30 "
                          "LoRA steps, each constraint's first row; eval on 48 harmful / 24 borderline / 24 harmless / "
                          "32 task prompts with 24 new tokens. Numbers are indicative; use --profile paper on a GPU for "
                          "the literature protocol."),
