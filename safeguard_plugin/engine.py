@@ -493,35 +493,9 @@ class SafeguardEngine:
         finally:
             self._in_reference = prev
 
-    @torch.no_grad()
-    def reference_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Final hidden states ``(B, T, d)`` of the original weights (the forward stops at the final norm, so no
-        logits are built). ``kwargs``: attention_mask / position_ids. Counted in ``n_reference_forwards``."""
-        norm = self._final_norm if self._final_norm is not None else find_final_norm(self.model)
-        store: dict[str, torch.Tensor] = {}
-        z3 = zero3_active(self.model)
-
-        def grab(_mod, _inp, out):
-            store["h"] = out[0] if isinstance(out, tuple) else out
-            if not z3:  # ZeRO-3 prefetches along the modules of a full forward: never cut one short there
-                raise StopForward
-
-        kwargs.pop("use_cache", None)
-        with self.reference():
-            handle = norm.register_forward_hook(grab)
-            try:
-                run_until(self.model, input_ids=input_ids, **kwargs)
-            finally:
-                handle.remove()
-        if "h" not in store:
-            raise SafeguardRuntimeError("the reference forward did not reach the final norm")
-        self.n_reference_forwards += 1
-        return store["h"]
-
-    def policy_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Final hidden states ``(B, T, d)`` of the weights being trained, *with* autograd graph, for inputs other than
-        the training batch (e.g. anchor prompts): the engine's hooks are inactive in this forward, adapters stay on,
-        and the forward stops at the final norm. Counted in ``n_policy_forwards``."""
+    def _to_final_norm(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Run the model on ``input_ids`` and return the final norm's output ``(B, T, d)``; the forward stops there
+        (except under ZeRO-3, which prefetches along the modules of a full forward: never cut one short there)."""
         norm = self._final_norm if self._final_norm is not None else find_final_norm(self.model)
         store: dict[str, torch.Tensor] = {}
         z3 = zero3_active(self.model)
@@ -532,18 +506,36 @@ class SafeguardEngine:
                 raise StopForward
 
         kwargs.pop("use_cache", None)
-        prev = self._in_reference
-        self._in_reference = True  # the engine's hooks stay out of this forward
         handle = norm.register_forward_hook(grab)
         try:
             run_until(self.model, input_ids=input_ids, **kwargs)
         finally:
             handle.remove()
-            self._in_reference = prev
         if "h" not in store:
-            raise SafeguardRuntimeError("the policy forward did not reach the final norm")
-        self.n_policy_forwards += 1
+            raise SafeguardRuntimeError("the forward did not reach the final norm")
         return store["h"]
+
+    @torch.no_grad()
+    def reference_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states ``(B, T, d)`` of the original weights (the forward stops at the final norm, so no
+        logits are built). ``kwargs``: attention_mask / position_ids. Counted in ``n_reference_forwards``."""
+        with self.reference():
+            h = self._to_final_norm(input_ids, **kwargs)
+        self.n_reference_forwards += 1
+        return h
+
+    def policy_hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states ``(B, T, d)`` of the weights being trained, *with* autograd graph, for inputs other than
+        the training batch (e.g. anchor prompts): the engine's hooks are inactive in this forward, adapters stay on,
+        and the forward stops at the final norm. Counted in ``n_policy_forwards``."""
+        prev = self._in_reference
+        self._in_reference = True  # the engine's hooks stay out of this forward
+        try:
+            h = self._to_final_norm(input_ids, **kwargs)
+        finally:
+            self._in_reference = prev
+        self.n_policy_forwards += 1
+        return h
 
     # ------------------------------------------------------------------------------------ checkpoint state
     STATE_FILE = STATE_FILE
