@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                    help="built-in name, HF hub id, local folder, or 'tiny' (with --profile smoke)")
     b.add_argument("--profile", choices=["cpu-small", "cpu-suite", "paper", "smoke"], default="cpu-small",
-                   help="cpu-small: attacks template and varied, each method's first row (2 cores: ~1 h for base,sft,recommended; ~2.5 h for all); "
+                   help="cpu-small: attacks template and varied, each method's first row (2 cores: ~1 h for "
+                        "base,sft,recommended; ~2.5 h for all); "
                         "cpu-suite: all six attacks (a few hours, resumable); paper: GPU protocol; smoke: tiny model")
     b.add_argument("--attacks", help="comma-separated attacks (default: the profile's): template, varied, benign, "
                                      "identity, heavy, full")

@@ -128,7 +128,7 @@ def capture_layers(model: nn.Module, layers: Sequence[int], stop_after_last: boo
 
 
 @contextlib.contextmanager
-def _own_forward(model: nn.Module) -> Iterator[None]:
+def own_forward(model: nn.Module) -> Iterator[None]:
     """Inside the block ``model`` runs its own forward, not the one accelerate's ``prepare`` put on the instance under
     mixed precision: that one is wrapped in a single ``torch.autocast`` object, and entering the same object again from
     inside the training forward (a reference forward in a penalty hook) overwrites the state it restores on exit, so
@@ -145,13 +145,10 @@ def _own_forward(model: nn.Module) -> Iterator[None]:
         model.forward = wrapped
 
 
-own_forward = _own_forward  # public name: a forward of the model's own (not accelerate's autocast-wrapped) forward
-
-
 def run_until(model: nn.Module, **inputs) -> None:
     """Forward that tolerates :class:`StopForward` (used with ``capture_layers``), at the caller's autocast (the
     training forward's inside a penalty hook, ``accelerator.autocast()`` in the pre-training pass, none after a step)."""
-    with _own_forward(model):
+    with own_forward(model):
         try:
             model(**inputs, use_cache=False)
         except StopForward:

@@ -172,8 +172,8 @@ class NgramJudge(Judge):
 
 @functools.lru_cache(maxsize=1)
 def second_judge() -> NgramJudge:
-    """The second judge fitted on all of PyRIT's labelled refusal set (about 0.5 s; the bench fits it once per run;
-    needs the pinned ``refusal.csv``, fetched like the other data files)."""
+    """The second judge fitted on all of PyRIT's labelled refusal set (about 0.5 s, once per process: cached; needs the
+    pinned ``refusal.csv``, fetched like the other data files)."""
     from .datasets import refusal_labelled
 
     data = refusal_labelled(progress=False)

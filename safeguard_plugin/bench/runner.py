@@ -11,8 +11,9 @@ Protocol (per attack of the suite; every method trains on the same data with the
 * methods: ``base`` (no fine-tuning; once, or once per evaluation system prompt), ``sft`` (plain SFT), the rows of
   each registered constraint (the ``BENCHMARK_ROWS`` of the ``bench`` module in its package; without one, a row with
   its default config; by default only each constraint's first row), ``all`` (each constraint's first row, combined),
-  one row per preset (``recommended``: :mod:`safeguard_plugin.presets`) and strength sweeps (``--sweep procon.weight=1,10,100``: rows ``procon[weight=10]``). A method that needs a LoRA
-  adapter gets a "not applicable" row under full fine-tuning.
+  one row per preset (``recommended``: :mod:`safeguard_plugin.presets`) and strength sweeps (``--sweep
+  procon.weight=1,10,100``: rows ``procon[weight=10]``). A method that needs a LoRA adapter gets a "not applicable" row
+  under full fine-tuning.
 * evaluation sets: our held-out harmful / borderline / harmless prompts and the external sets (HarmBench test, AdvBench
   held-out, an XSTest-style safe set: :func:`~safeguard_plugin.bench.datasets.external_eval_sets`).
 * metrics: refusal on every evaluation set (harmful sets: kept ↑; borderline/harmless sets: over-refusal ↓; the kind
@@ -108,8 +109,8 @@ def _profiles() -> dict[str, BenchProfile]:
     return {
         "cpu-small": BenchProfile(
             name="cpu-small",
-            description=("small CPU profile (2 cores; base + sft + recommended ~1 h, every method ~2.5 h): attacks template and varied, 200 training examples, 30 "
-                         "LoRA steps, each constraint's first row; eval on 48 harmful / 24 borderline / 24 harmless / "
+            description=("small CPU profile (2 cores; base + sft + recommended ~1 h, every method ~2.5 h): attacks "
+                         "template and varied, 200 training examples, 30 LoRA steps, each constraint's first row; eval on 48 harmful / 24 borderline / 24 harmless / "
                          "32 task prompts with 24 new tokens. Numbers are indicative; use --profile paper on a GPU for "
                          "the literature protocol."),
             monitor_every=5, **_CPU_EVAL,
@@ -369,7 +370,6 @@ class Bench:
         self.progress = progress
         self.reused = 0  # runs taken from an earlier invocation (not timed by this one)
         self._model = self._tok = None
-        self._judge = None  # the second refusal judge, fitted once per bench
 
     def say(self, msg: str) -> None:
         if self.progress:
@@ -527,9 +527,7 @@ class Bench:
         sets = {name: {"kind": set_kind(name, r), "n": r["n"]} for name, r in res.items()}
         metrics: dict[str, Any] = {}
         keyword, second = [], []  # both judges' verdicts on every response, for their agreement
-        if self._judge is None:
-            self._judge = judges.second_judge()
-        j2 = self._judge
+        j2 = judges.second_judge()  # fitted once per process (lru_cache)
         for name, r in res.items():
             metrics[f"{name}_refusal"] = r["refusal_rate"]
             metrics[f"{name}_score"] = r["refusal_score"]

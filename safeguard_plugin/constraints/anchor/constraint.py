@@ -206,19 +206,17 @@ class Anchor(Constraint):
             return None
         h, sel = self._pending
         self._pending = None
-        c = self._cache
-        d = h.shape[-1]
-        ok = c["ok"][sel].reshape(-1).to(h.device)
+        c, dev = self._cache, h.device
+        ok = c["ok"][sel].flatten().to(dev)
         if not bool(ok.any()):  # every drawn prompt's original answer ended at once: nothing to anchor here
             return None
-        logq = batch.head.logits(h.reshape(-1, d)[ok]).log_softmax(-1)
-        kl = coarse_kl(c["lp"][sel].reshape(-1, c["lp"].shape[-1]).to(h.device)[ok],
-                       c["rest"][sel].reshape(-1).to(h.device)[ok],
-                       c["idx"][sel].reshape(-1, c["idx"].shape[-1]).to(h.device)[ok], logq)
-        kl = kl.mean()
+        # the drawn prompts' reference buckets, one row per anchored token that is still part of the answer
+        ref_lp, ref_rest, ref_idx = (c[key][sel].flatten(0, 1).to(dev)[ok] for key in ("lp", "rest", "idx"))
+        logq = batch.head.logits(h.flatten(0, 1)[ok]).log_softmax(-1)
+        kl = coarse_kl(ref_lp, ref_rest, ref_idx, logq).mean()
         pen = self.config.weight * kl
         with torch.no_grad():
-            agree = (logq.argmax(-1) == c["idx"][sel].reshape(-1, c["idx"].shape[-1])[:, 0].to(h.device)[ok])
+            agree = logq.argmax(-1) == ref_idx[:, 0]
             self._sum_kl += float(kl)
             self._sum_agree += float(agree.float().mean())
             self._sum_pen += float(pen)
