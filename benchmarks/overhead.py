@@ -44,6 +44,9 @@ VARIANTS = {
     "anchor": {"anchor": {}},
     # the recommended preset as it ships (safeguard_plugin/presets.py)
     "recommended": {"preset": "recommended"},
+    # ... without the anchor (ProCon + probe KL), and with 2 anchor prompts per micro-batch instead of 4
+    "recommended_no_anchor": {"preset": "recommended", "anchor": {"enabled": False}},
+    "recommended_anchor2": {"preset": "recommended", "anchor": {"batch_size": 2}},
 }
 
 

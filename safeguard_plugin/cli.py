@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sweep", action="append", metavar="CONSTRAINT.KEY=V1,V2,...",
                    help="strength sweep, e.g. procon.weight=1,10,100,1000: one row per value (procon[weight=10]) and a "
                         "safety-vs-utility curve in pareto.png; repeatable (keys of one constraint are crossed); "
-                        "checked against the config schema before the model loads")
+                        "checked against the config schema before the model loads; a preset names the section too: "
+                        "recommended.anchor.weight=1,3,10")
     b.add_argument("--dry-run", action="store_true", help="print the plan (rows, steps, estimated time) and exit")
     b.add_argument("--out", help="results folder (default results/<profile>-<model>); rerun to resume")
     b.set_defaults(func=cmd_bench)

@@ -138,6 +138,24 @@ def test_sweep_parser_values_and_labels():
     assert nested[0].config["cwac"]["calibration"]["energy"] == 0.9
 
 
+def test_a_preset_is_swept_one_key_at_a_time():
+    from safeguard_plugin.presets import PRESETS
+
+    points = S.sweep_points(S.parse_sweep(["recommended.anchor.batch_size=2,4"]))
+    assert [p.label for p in points] == ["recommended[anchor.batch_size=2]", "recommended[anchor.batch_size=4]"]
+    cfg = points[0].config
+    assert cfg["anchor"] == {**PRESETS["recommended"]["anchor"], "batch_size": 2}
+    assert {k: v for k, v in cfg.items() if k != "anchor"} == {k: v for k, v in PRESETS["recommended"].items()
+                                                               if k != "anchor"}
+    assert "batch_size" not in PRESETS["recommended"]["anchor"]  # the preset itself is left as it is
+    with pytest.raises(ConfigError, match="names a constraint section first"):
+        S.parse_sweep(["recommended.weight=1"])
+    with pytest.raises(ConfigError, match="anchor has no key 'wieght'"):
+        S.parse_sweep(["recommended.anchor.wieght=1"])
+    with pytest.raises(ConfigError, match=r"recommended\[anchor.batch_size=0\] is not a valid config"):
+        S.sweep_points(S.parse_sweep(["recommended.anchor.batch_size=0"]))
+
+
 @pytest.mark.parametrize("spec, message", [
     ("magic.weight=1", "unknown constraint 'magic'; registered: .*procon"),
     ("procon.wieght=1", "procon has no key 'wieght'; valid keys: .*warmup_ratio.*weight"),

@@ -4,6 +4,9 @@ A spec is ``<constraint>.<dotted config key>=<v1>,<v2>,...``; values are parsed 
 null or else string. Several specs on one constraint are crossed (every combination). Each point is the constraint's
 first benchmark row (its ``bench.py``) with the swept keys set, validated by the configuration schema before any model
 loads, and becomes a method row labelled ``procon[weight=10]``.
+
+A preset is swept the same way, its key naming the section first: ``recommended.anchor.weight=1,3,10`` gives rows
+``recommended[anchor.weight=1]``, ... (the whole preset with that one key changed).
 """
 
 from __future__ import annotations
@@ -68,10 +71,18 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
 
 def check_key(constraint: str, key: str) -> None:
     """Raise :class:`ConfigError` unless ``key`` (dotted) names a field of ``constraint``'s config (naming the valid
-    keys at the level where it fails)."""
+    keys at the level where it fails). For a preset, ``key`` is ``<section>.<key>`` of one of its constraints."""
+    from ..presets import PRESETS
     from ..registry import available_constraints
 
     registry = available_constraints()
+    if constraint in PRESETS:
+        section, dot, rest = key.partition(".")
+        if not dot or not rest or section not in registry:
+            raise ConfigError(f"--sweep {constraint}.{key}: a preset's key names a constraint section first, e.g. "
+                              f"{constraint}.anchor.weight; registered constraints: {', '.join(sorted(registry))}")
+        check_key(section, rest)
+        return
     if constraint not in registry:
         raise ConfigError(f"--sweep {constraint}.{key}: unknown constraint {constraint!r}; registered: "
                           f"{', '.join(sorted(registry))}")
@@ -125,6 +136,7 @@ def sweep_points(specs: list[SweepSpec], base_rows: dict[str, dict] | None = Non
     from pydantic import ValidationError
 
     from ..config import SafeguardConfig, _format_errors
+    from ..presets import PRESETS
     from ..registry import available_constraints
     from .runner import method_bench
 
@@ -133,7 +145,10 @@ def sweep_points(specs: list[SweepSpec], base_rows: dict[str, dict] | None = Non
         by.setdefault(s.constraint, []).append(s)
     points: list[SweepPoint] = []
     for constraint, group in by.items():
-        if base_rows is not None and constraint in base_rows:
+        preset = constraint in PRESETS  # the whole preset ({section: settings}), its keys "<section>.<key>"
+        if preset:
+            base = PRESETS[constraint]
+        elif base_rows is not None and constraint in base_rows:
             base = base_rows[constraint]
         else:
             rows = method_bench(available_constraints()[constraint]).rows
@@ -143,10 +158,11 @@ def sweep_points(specs: list[SweepSpec], base_rows: dict[str, dict] | None = Non
             section = copy.deepcopy(base)
             for k, v in params.items():
                 _set(section, k, v)
+            config = section if preset else {constraint: section}
             label = f"{constraint}[{','.join(f'{k}={_fmt(v)}' for k, v in params.items())}]"
             try:
-                SafeguardConfig.model_validate({constraint: section})
+                SafeguardConfig.model_validate(config)
             except ValidationError as err:
                 raise ConfigError(f"--sweep point {label} is not a valid config: {_format_errors('', err)}") from None
-            points.append(SweepPoint(label, constraint, params, {constraint: section}))
+            points.append(SweepPoint(label, constraint, params, config))
     return points
