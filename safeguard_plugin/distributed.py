@@ -148,9 +148,11 @@ def is_zero3(param: torch.Tensor) -> bool:
 
 
 def zero3_active(model: torch.nn.Module | None) -> bool:
-    """Some parameter of ``model`` is ZeRO-3-partitioned (then forwards are collective: every rank must run the
-    same sequence of forwards)."""
-    return model is not None and any(is_zero3(p) for p in model.parameters())
+    """``model`` is ZeRO-3-partitioned (then forwards are collective: every rank must run the same sequence of
+    forwards). DeepSpeed partitions every parameter of the module it wraps, so the first one tells: walking all of
+    them cost ~8 ms per call on a LoRA-wrapped 135M model (2,500 modules), several calls per training step."""
+    first = next(iter(model.parameters()), None) if model is not None else None
+    return first is not None and is_zero3(first)
 
 
 def param_shape(param: torch.Tensor) -> torch.Size:
