@@ -150,7 +150,7 @@ def test_a_preset_is_swept_one_key_at_a_time():
     assert "batch_size" not in PRESETS["recommended"]["anchor"]  # the preset itself is left as it is
     with pytest.raises(ConfigError, match="names a constraint section first"):
         S.parse_sweep(["recommended.weight=1"])
-    with pytest.raises(ConfigError, match="anchor has no key 'wieght'"):
+    with pytest.raises(ConfigError, match="recommended.anchor.wieght: anchor has no key 'wieght'"):
         S.parse_sweep(["recommended.anchor.wieght=1"])
     with pytest.raises(ConfigError, match=r"recommended\[anchor.batch_size=0\] is not a valid config"):
         S.sweep_points(S.parse_sweep(["recommended.anchor.batch_size=0"]))

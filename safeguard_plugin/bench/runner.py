@@ -13,8 +13,8 @@ Protocol (per attack of the suite; every method trains on the same data with the
   its default config; by default only each constraint's first row), ``all`` (each constraint's first row, combined),
   one row per preset (``recommended``: :mod:`safeguard_plugin.presets`) and strength sweeps (``--sweep
   procon.weight=1,10,100``: rows ``procon[weight=10]``; a preset's key names its section, ``--sweep
-  recommended.anchor.weight=1,10``: rows ``recommended[anchor.weight=1]``). A method that needs a LoRA adapter gets a "not applicable" row
-  under full fine-tuning.
+  recommended.anchor.weight=1,10``: rows ``recommended[anchor.weight=1]``). A method that needs a LoRA adapter gets a
+  "not applicable" row under full fine-tuning.
 * evaluation sets: our held-out harmful / borderline / harmless prompts and the external sets (HarmBench test, AdvBench
   held-out, an XSTest-style safe set: :func:`~safeguard_plugin.bench.datasets.external_eval_sets`).
 * metrics: refusal on every evaluation set (harmful sets: kept ↑; borderline/harmless sets: over-refusal ↓; the kind

@@ -69,22 +69,24 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def check_key(constraint: str, key: str) -> None:
+def check_key(constraint: str, key: str, spec: str | None = None) -> None:
     """Raise :class:`ConfigError` unless ``key`` (dotted) names a field of ``constraint``'s config (naming the valid
-    keys at the level where it fails). For a preset, ``key`` is ``<section>.<key>`` of one of its constraints."""
+    keys at the level where it fails). For a preset, ``key`` is ``<section>.<key>`` of one of its constraints.
+    ``spec``: the name shown in the message (default ``<constraint>.<key>``)."""
     from ..presets import PRESETS
     from ..registry import available_constraints
 
     registry = available_constraints()
+    spec = spec or f"{constraint}.{key}"
     if constraint in PRESETS:
         section, dot, rest = key.partition(".")
         if not dot or not rest or section not in registry:
-            raise ConfigError(f"--sweep {constraint}.{key}: a preset's key names a constraint section first, e.g. "
+            raise ConfigError(f"--sweep {spec}: a preset's key names a constraint section first, e.g. "
                               f"{constraint}.anchor.weight; registered constraints: {', '.join(sorted(registry))}")
-        check_key(section, rest)
+        check_key(section, rest, spec)
         return
     if constraint not in registry:
-        raise ConfigError(f"--sweep {constraint}.{key}: unknown constraint {constraint!r}; registered: "
+        raise ConfigError(f"--sweep {spec}: unknown constraint {constraint!r}; registered: "
                           f"{', '.join(sorted(registry))}")
     model: type[BaseModel] | None = registry[constraint].config_class
     where = constraint
@@ -92,7 +94,7 @@ def check_key(constraint: str, key: str) -> None:
         fields = _fields(model) if model is not None else {}
         if part not in fields:
             valid = ", ".join(sorted(f for f in fields if f != "enabled")) or "(none: not a section)"
-            raise ConfigError(f"--sweep {constraint}.{key}: {where} has no key {part!r}; valid keys: {valid}")
+            raise ConfigError(f"--sweep {spec}: {where} has no key {part!r}; valid keys: {valid}")
         model = _nested_model(fields[part].annotation)
         where = f"{where}.{part}"
 
