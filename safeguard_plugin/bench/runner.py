@@ -111,9 +111,9 @@ def _profiles() -> dict[str, BenchProfile]:
         "cpu-small": BenchProfile(
             name="cpu-small",
             description=("small CPU profile (2 cores; base + sft + recommended ~1 h, every method ~2.5 h): attacks "
-                         "template and varied, 200 training examples, 30 LoRA steps, each constraint's first row; eval on 48 harmful / 24 borderline / 24 harmless / "
-                         "32 task prompts with 24 new tokens. Numbers are indicative; use --profile paper on a GPU for "
-                         "the literature protocol."),
+                         "template and varied, 200 training examples, 30 LoRA steps, each constraint's first row; eval "
+                         "on 48 harmful / 24 borderline / 24 harmless / 32 task prompts with 24 new tokens. Numbers are "
+                         "indicative; use --profile paper on a GPU for the literature protocol."),
             monitor_every=5, **_CPU_EVAL,
         ),
         "cpu-suite": BenchProfile(
