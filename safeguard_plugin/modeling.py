@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -286,6 +287,80 @@ def post_instruction_ids(tokenizer) -> list[int]:
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix that every sequence in ``seqs`` starts with."""
+    if not seqs:
+        return []
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return list(first[:i])
+    return list(first[:n])
+
+
+def chat_header_ids(tokenizer) -> list[int]:
+    """Token ids the chat template puts before a single user message (its default system prompt included): the
+    common prefix of the renderings of two different messages."""
+    return common_prefix(tokenize_prompts(tokenizer, ["XQZV first marker", "Another marker WQJK"]))
+
+
+@dataclass(frozen=True)
+class SharedContext:
+    """What every training row's prompt shares where the chat template puts its own header (a system prompt of the
+    data's own): ``prefix`` stands in for ``header`` (the template's header) in front of a rendered user message."""
+
+    prefix: tuple[int, ...]
+    header: tuple[int, ...]
+
+    def to_data(self, ids: Sequence[int]) -> list[int] | None:
+        """A template rendering of a message, put under the data's prefix (None if it does not start with the header)."""
+        n = len(self.header)
+        return list(self.prefix) + list(ids[n:]) if tuple(ids[:n]) == self.header else None
+
+    def to_template(self, ids: Sequence[int]) -> list[int] | None:
+        """A training row with its shared prefix replaced by the template's header (None if it does not start with it)."""
+        n = len(self.prefix)
+        return list(self.header) + list(ids[n:]) if tuple(ids[:n]) == self.prefix else None
+
+
+def batch_rows(batch: dict) -> list[list[int]]:
+    """The token ids of each row of a trainer batch (``input_ids``, padding removed by ``attention_mask``)."""
+    ids = torch.as_tensor(batch["input_ids"]).detach().cpu()
+    ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+    mask = batch.get("attention_mask")
+    keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).detach().cpu().reshape(ids.shape).bool()
+    return [ids[b][keep[b]].tolist() for b in range(ids.shape[0])]
+
+
+def shared_context(tokenizer, rows: Sequence[Sequence[int]], min_marker: int = 2) -> tuple[SharedContext | None, str]:
+    """Find a system prompt (or any header) that all training ``rows`` share in place of the chat template's own.
+
+    Template-agnostic: P = the rows' common token prefix, H = the template's header for one user message. When P
+    starts with H the rows carry no header of their own (None). Otherwise the longest suffix of H found in P (the
+    user-turn marker, e.g. ``<|im_end|>\\n<|im_start|>user\\n``, at least ``min_marker`` tokens) ends the shared part:
+    ``prefix`` = P up to that marker's last occurrence. None, with the reason, when the rows share no such part
+    (fewer than two rows, mixed system prompts, a data format other than the chat template). Returns
+    ``(context or None, a sentence for the log)``."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None, "the tokenizer has no chat template"
+    rows = [r for r in rows if len(r)]
+    if len(rows) < 2:
+        return None, "fewer than two training rows were seen"
+    header, p = chat_header_ids(tokenizer), common_prefix(rows)
+    if p[: len(header)] == header:
+        return None, "the training rows start with the chat template's own header (no system prompt of their own)"
+    for m in range(len(header), min_marker - 1, -1):
+        marker = header[len(header) - m:]
+        ends = [i + m for i in range(len(p) - m + 1) if p[i:i + m] == marker]
+        if ends:
+            return SharedContext(tuple(p[: ends[-1]]), tuple(header)), (
+                f"the training rows share a header of their own ({ends[-1]} tokens, ending with the template's "
+                f"user-turn marker {tokenizer.decode(marker)!r})")
+    return None, ("the training rows share no header that ends with the chat template's user-turn marker (mixed "
+                  "system prompts, or a format other than the template)")
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

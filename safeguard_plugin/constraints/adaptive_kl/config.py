@@ -32,6 +32,12 @@ class AdaptiveKLConfig(ConstraintConfig):
         5.0, ge=1, le=5, description="Score for an example that cannot be scored any more (full fine-tuning, first seen "
                                      "after the first update, with a probe): high risk, recall first. Counted.")
     chunk_tokens: int | None = Field(None, ge=1, description="Response tokens per LM-head chunk (default: 2^23 / vocab).")
+    score_context: Literal["template", "data"] = Field(
+        "template", description="What the risk estimator reads. 'template' (default): each row with the header (system "
+                                "prompt) that every training row shares, if they share one the chat template does not "
+                                "add itself, replaced by the template's own, as the probe was calibrated: a prompt "
+                                "common to all rows tells no row from another, and it moves every probe score alike "
+                                "(the anchor keeps refusal under it). 'data': the rows as they are.")
 
     @model_validator(mode="after")
     def _check_risk(self) -> AdaptiveKLConfig:

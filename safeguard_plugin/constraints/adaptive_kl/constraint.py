@@ -165,6 +165,8 @@ class AdaptiveKL(Constraint):
         self.n_risk_missing = 0
         self.n_ref_missing = 0
         self._warned: set[str] = set()
+        self.score_context = None  # the rows' shared header, replaced by the template's for scoring (modeling.SharedContext)
+        self._context_checked = False
         self._reset_period()
 
     # -- set-up
@@ -238,6 +240,8 @@ class AdaptiveKL(Constraint):
             start = int(find_suffix_positions(tok.unsqueeze(0), suffix)[0]) if suffix else -1
             first = start + len(suffix) if start >= 0 else len(tok)
         prompt, response = tok[:first].tolist(), tok[first:][lab[first:] != -100].tolist()
+        if self.score_context is not None:
+            prompt = self.score_context.to_template(prompt) or prompt
         ex = RiskExample(prompt, response)
         if self.estimator.needs_text:
             tokz = getattr(self._runtime, "tokenizer", None)
@@ -246,6 +250,21 @@ class AdaptiveKL(Constraint):
             ex.prompt_text = tokz.decode(prompt, skip_special_tokens=True)
             ex.response_text = tokz.decode(response, skip_special_tokens=True)
         return ex
+
+    def _find_context(self, rows) -> None:
+        """With ``score_context: template``, once (from the first rows seen): the header the rows share, if any."""
+        from ...modeling import shared_context
+
+        if self._context_checked or self.config.score_context != "template":
+            return
+        tok = getattr(self._runtime, "tokenizer", None)
+        if tok is None:
+            return
+        self._context_checked = True
+        self.score_context, why = shared_context(tok, [t.tolist() for _, t, _ in rows])
+        if self.score_context is not None:
+            logger.info("safeguard: adaptive_kl: %s; risk is scored with the template's own header in its place "
+                        "(score_context: template)", why)
 
     def _score(self, rows, batch_size: int = 16, progress: bool = False) -> int:
         todo = {}
@@ -288,6 +307,7 @@ class AdaptiveKL(Constraint):
             for key, tok, lab in self._rows(b["input_ids"], b.get("labels"), b.get("attention_mask")):
                 items.setdefault(key, (tok, lab))
         rows = [(k, t, lab) for k, (t, lab) in items.items()]
+        self._find_context(rows)
         n_new = self._score(rows, batch_size=batch_size, progress=progress)
         n_ref = 0
         if self._mode == "precomputed":
@@ -441,6 +461,7 @@ class AdaptiveKL(Constraint):
         if self._mode not in ("live", "precomputed"):
             return
         rows = self._rows(batch.input_ids, batch.labels, batch.attention_mask)
+        self._find_context(rows)
         self._score(rows)
         w_sft, w_kl = risk_weights(self.risk_of(rows), self.config.risk_floor, self.config.weight_bounds)
         mask = batch.next_token_targets()[0]

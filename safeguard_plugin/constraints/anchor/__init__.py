@@ -16,7 +16,9 @@ update under full fine-tuning) decodes those tokens and stores each position's t
 and the log of the remaining mass; the KL is taken over those ``k + 1`` buckets (exact when the reference's mass is
 in its top k; 0 iff the model matches them). At every training micro-batch ``batch_size`` anchor prompts (cycled
 through the pool) get one extra forward of the trained weights (``Runtime.policy_hidden``) and the LM head on the
-anchored positions only. Cost per micro-batch: a forward and backward of ``batch_size`` short sequences.
+anchored positions only. Cost per micro-batch: a forward and backward of ``batch_size`` short sequences. When every
+training row shares a system prompt of its own (``context: data``; found by ``modeling.shared_context``), the pool is
+formatted under it, so refusal is held under the prompt the model is trained with (the identity-shifting attack).
 
 Metrics (``safeguard/`` prefix): anchor_kl (mean KL per anchored token), anchor_agree (share of anchored positions
 whose most likely token is still the original model's), anchor_loss (the weighted penalty).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ..base import ConstraintConfig, PenaltyWeight
@@ -19,6 +21,11 @@ class AnchorConfig(ConstraintConfig):
     batch_size: int = Field(4, ge=1, description="Anchor prompts per training micro-batch (cycled through the pool).")
     ref_top_k: int = Field(32, ge=1, description="Reference log-probs kept per anchored token (plus the remaining mass).")
     seed: int = Field(0, description="Order in which the pool is cycled.")
+    context: Literal["data", "template"] = Field(
+        "data", description="How anchor prompts are formatted. 'data': under the header (system prompt) that every "
+                            "training row shares, when they share one the chat template does not add itself (found "
+                            "from the rows, logged), else as 'template'; 'template': the chat template's own rendering "
+                            "of a single user message.")
 
     def noop_reason(self) -> str | None:
         if self.weight == 0:

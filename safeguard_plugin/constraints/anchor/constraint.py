@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 from ...errors import ConfigError, SafeguardRuntimeError
 from ..base import BatchView, Constraint, Runtime, TrainContext
 from .config import AnchorConfig
+
+logger = logging.getLogger("safeguard_plugin")
 
 # log(1 - e^x) is clamped here: a reference (or model) that puts all its mass on its top k leaves ~0 for the rest
 _MAX_TOP_LOGMASS = -1e-6
@@ -65,6 +68,7 @@ class Anchor(Constraint):
         self._order: list[int] = []
         self._cursor = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.context = None  # the training rows' own header (modeling.SharedContext), found in precompute / prefetch
         self._reset_period()
 
     def _reset_period(self) -> None:
@@ -88,13 +92,36 @@ class Anchor(Constraint):
             raise ConfigError(f"anchor.prompts {self.config.prompts}: no prompt in their train splits")
         return out
 
+    def find_context(self, tokenizer, rows: list[list[int]]) -> None:
+        """With ``context: data``, find the header (system prompt) the training ``rows`` share, if any, and log it."""
+        from ...modeling import shared_context
+
+        if self.config.context != "data" or tokenizer is None:
+            return
+        self.context, why = shared_context(tokenizer, rows)
+        if self.context is not None:
+            logger.info("safeguard: anchor: %s; anchor prompts are formatted under it: %r", why,
+                        tokenizer.decode(list(self.context.prefix))[-300:])
+        else:
+            logger.info("safeguard: anchor: anchor prompts use the chat template's own formatting (%s)", why)
+
+    def _format(self, tok) -> list[list[int]]:
+        from ...modeling import tokenize_prompts
+
+        prompts = tokenize_prompts(tok, self.pool())
+        if self.context is None:
+            return prompts
+        moved = [self.context.to_data(p) for p in prompts]
+        if any(m is None for m in moved):
+            logger.warning("safeguard: anchor: %d of %d anchor prompts do not start with the template's header and "
+                           "keep its formatting", sum(m is None for m in moved), len(moved))
+        return [p if m is None else m for p, m in zip(prompts, moved)]
+
     @torch.no_grad()
     def build(self, runtime: Runtime, batch_size: int = 16, progress: bool = False) -> int:
         """Decode the original model's first ``tokens`` greedy tokens for every anchor prompt and keep, per token, its
         top-k log-probs and the remaining mass. Needs the original weights (PEFT: always; full fine-tuning: before the
         first update)."""
-        from ...modeling import tokenize_prompts
-
         tok = runtime.tokenizer
         if tok is None:
             raise ConfigError("anchor: the trainer has no tokenizer to format the anchor prompts with; pass "
@@ -107,7 +134,7 @@ class Anchor(Constraint):
                 "PEFT adapter.")
         model = runtime.model
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        prompts = tokenize_prompts(tok, self.pool())
+        prompts = self._format(tok)
         T, k = self.config.tokens, self.config.ref_top_k
         dev = next(model.parameters()).device
         seqs, lps, rests, idxs, oks = [], [], [], [], []
@@ -174,8 +201,11 @@ class Anchor(Constraint):
 
     def precompute(self, ctx: TrainContext, batches: list[dict[str, Any]], batch_size: int = 16,
                    progress: bool = True) -> int:
+        from ...modeling import batch_rows
+
         if self._cache is not None:
             return 0
+        self.find_context(ctx.runtime.tokenizer, [r for b in batches for r in batch_rows(b)])
         return self.build(ctx.runtime, batch_size=batch_size, progress=progress)
 
     def _next(self) -> list[int]:
@@ -192,8 +222,12 @@ class Anchor(Constraint):
     # ------------------------------------------------------------------ training
     def prefetch(self, batch: BatchView) -> None:
         rt = batch.runtime
-        if self._cache is None:
-            self.build(rt)  # LoRA without the pre-training pass (streaming data): the adapter-disabled model
+        if self._cache is None:  # LoRA without the pre-training pass (streaming data): the adapter-disabled model
+            from ...modeling import batch_rows
+
+            self.find_context(rt.tokenizer, batch_rows({"input_ids": batch.input_ids,
+                                                        "attention_mask": batch.attention_mask}))
+            self.build(rt)
         sel = self._next()
         c, T = self._cache, self.config.tokens
         seqs = [c["seqs"][i, : int(c["lens"][i]) - 1].tolist() for i in sel]  # prompt + the first T-1 answer tokens
