@@ -334,3 +334,17 @@ def test_smoke_two_attacks_sweep_cards_and_resume(offline_benchdata, tmp_path, c
     out = capsys.readouterr().out
     assert out.count("done earlier, reusing") == len(names) - 1 and out.count("another configuration") == 1
     assert json.loads(stale.read_text())["config"]["procon"]["weight"] == 1
+    # the same config whose defaults resolve differently now (a default changed since it ran) is trained again too;
+    # a file from before runs kept their resolved settings is reused, and the log says a changed default goes unnoticed
+    old = json.loads(stale.read_text())
+    assert old["resolved"]["procon"]["weight"] == 1 and old["resolved"]["procon"]["warmup_factor"] == 10.0
+    old["resolved"]["procon"]["warmup_factor"] = 3.0
+    stale.write_text(json.dumps(old))
+    legacy = tmp_path / "runs" / "full_p0.1__procon@weight=100.json"
+    legacy.write_text(json.dumps({k: v for k, v in json.loads(legacy.read_text()).items() if k != "resolved"}))
+    bench.Bench("tiny", "smoke", tmp_path, progress=True, **kw).run()
+    out = capsys.readouterr().out
+    assert "full_p0.1__procon@weight=1: done earlier with the settings it resolves to changed since " \
+           "(procon.warmup_factor); running again" in out
+    assert out.count("recorded before runs kept their resolved settings") == 1
+    assert json.loads(stale.read_text())["resolved"]["procon"]["warmup_factor"] == 10.0

@@ -178,6 +178,28 @@ class _PeakRSS:
         self.delta = self.peak - self.start
 
 
+def _resolved_settings(method_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Every setting a method's config resolves to (its preset expanded, every default filled in), so that a run
+    cached before a default changed is not reused as if it were today's. None for a method without constraints."""
+    if not method_cfg:
+        return None
+    from ..config import load_config
+
+    data = load_config(method_cfg).model_dump(mode="json")
+    return {k: v for k, v in data.items() if k != "artifact"}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}{key}.").items()} if d else {prefix: d}
+
+
+def _changed_keys(old: dict | None, new: dict | None) -> list[str]:
+    a, b = _flat(old or {}), _flat(new or {})
+    return sorted(k.rstrip(".") for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def _atomic_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -569,13 +591,21 @@ class Bench:
             self.say(f"  {method} on {attack.name}: not applicable ({run.reason})")
             return {**record, "status": "not_applicable", "reason": run.reason, "metrics": {}}
         path = self.out / "runs" / f"{run.name}.json"
+        record["resolved"] = _resolved_settings(
+            {**self.methods[method], **self.profile.method_overrides.get(method, {})} if self.methods[method] else {})
         if path.exists():
             earlier = json.loads(path.read_text())
-            if earlier.get("config") == json.loads(json.dumps(record["config"])):
-                self.say(f"  {run.name}: done earlier, reusing {path}")
+            changed = _changed_keys(earlier.get("resolved"), record["resolved"]) if "resolved" in earlier else []
+            if earlier.get("config") == json.loads(json.dumps(record["config"])) and not changed:
+                legacy = "resolved" not in earlier and record["resolved"] is not None
+                self.say(f"  {run.name}: done earlier, reusing {path}" + (
+                    " (recorded before runs kept their resolved settings, so a default changed since then is not "
+                    "noticed: delete the file to run it again)" if legacy else ""))
                 self.reused += 1
                 return earlier
-            self.say(f"  {run.name}: done earlier with another configuration ({earlier.get('config')}); running again")
+            why = (f"the settings it resolves to changed since ({', '.join(changed)})" if changed
+                   else f"another configuration ({earlier.get('config')})")
+            self.say(f"  {run.name}: done earlier with {why}; running again")
         model, tok = self.load()
         p = self.profile
         where = f"{method} on {attack.name} @ p={run.ratio:g}" if attack else "base"
