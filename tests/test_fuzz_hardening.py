@@ -22,11 +22,14 @@ from safeguard_plugin.config import ConfigError, load_config
 from safeguard_plugin.constraints.cwac import CWACError
 from safeguard_plugin.constraints.guardspace import GuardSpaceError
 from safeguard_plugin.engine import SafeguardEngine, SafeguardRuntimeError
+from safeguard_plugin.errors import DataError
 from safeguard_plugin.modeling import pad_right, tokenize_prompts
 from safeguard_plugin.registry import available_constraints
 from safeguard_plugin.testing import tiny_model
 
-OURS = (ConfigError, ArtifactError, SafeguardRuntimeError, CWACError, GuardSpaceError)
+# DataError: a prompt set named in a config (monitor.prompts, anchor.prompts) that is neither shipped, a file nor
+# reachable on the hub fails when the run begins, with the name and where it was looked for
+OURS = (ConfigError, ArtifactError, SafeguardRuntimeError, CWACError, GuardSpaceError, DataError)
 VALUES = [None, True, False, 0, 1, -1, 3, 1e-3, 0.5, 100.0, 1e30, -1e30, float("inf"), float("-inf"), float("nan"),
           "1e3", "yes", "no", "", "auto", "all", "last", "selected", "skip", "raise", [], [1, 7], [0, 1], {}, {"a": 1}]
 TOP = ["artifact", "nan_policy", "strict_fingerprint", "check_first_steps"]
