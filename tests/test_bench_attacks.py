@@ -156,6 +156,22 @@ def test_a_preset_is_swept_one_key_at_a_time():
         S.sweep_points(S.parse_sweep(["recommended.anchor.batch_size=0"]))
 
 
+def test_a_list_value_in_brackets_is_one_sweep_point():
+    assert S.split_values("1,[a,b],2") == ["1", "[a,b]", "2"]
+    assert S.parse_value(" [harmful, harmless,3] ") == ["harmful", "harmless", 3]
+    specs = S.parse_sweep(["recommended.anchor.prompts=[harmful,harmless],[harmful,harmless,contrast],[harmful,harmless]"])
+    assert specs[0].values == (["harmful", "harmless"], ["harmful", "harmless", "contrast"])  # repeat dropped
+    points = S.sweep_points(specs)
+    assert [p.label for p in points] == ["recommended[anchor.prompts=[harmful,harmless]]",
+                                         "recommended[anchor.prompts=[harmful,harmless,contrast]]"]
+    assert points[1].config["anchor"]["prompts"] == ["harmful", "harmless", "contrast"]
+    assert bench.run_name("full", points[1].label, 0.1) == \
+        "full_p0.1__recommended@anchor.prompts=@harmful,harmless,contrast"
+    for bad in ("recommended.anchor.prompts=[harmful", "recommended.anchor.prompts=harmful]"):
+        with pytest.raises(ConfigError, match="without its"):
+            S.parse_sweep([bad])
+
+
 @pytest.mark.parametrize("spec, message", [
     ("magic.weight=1", "unknown constraint 'magic'; registered: .*procon"),
     ("procon.wieght=1", "procon has no key 'wieght'; valid keys: .*warmup_ratio.*weight"),

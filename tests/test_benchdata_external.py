@@ -33,7 +33,7 @@ from safeguard_plugin.bench.datasets import (
     normalize_prompt,
     xstest_style_rows,
 )
-from safeguard_plugin.data import read_jsonl
+from safeguard_plugin.data import SHIPPED_SETS, read_jsonl
 from safeguard_plugin.eval import HARMFUL, OVER_REFUSAL, set_kind
 
 # --------------------------------------------------------------------------------------------- fake wheels
@@ -131,7 +131,7 @@ def test_external_sets_drop_overlaps_and_subsample_deterministically(fake: dict)
     pool = harmful_training_pool(**kw)
     for prompts in full.values():
         check_disjoint(pool, prompts)
-        check_disjoint([r["prompt"] for s in ("harmful", "harmless", "borderline") for r in read_jsonl(s)], prompts)
+        check_disjoint([r["prompt"] for s in SHIPPED_SETS for r in read_jsonl(s)], prompts)
     held = advbench_split("heldout", **kw)
     assert full["advbench_heldout"] == [g for g in held if g != fake["harmful0"]]
     info = external_eval_info(**kw)
@@ -258,7 +258,7 @@ def test_real_external_sets_sizes_disjoint_deterministic(real: None) -> None:
     assert sum(p.count("\n\n---\n\n") == 1 for p in sets["harmbench_test"]) == 81  # the contextual ones
     pool = harmful_training_pool(progress=False)
     assert len(pool) == 41 + 277
-    shipped = [r["prompt"] for s in ("harmful", "harmless", "borderline") for r in read_jsonl(s)]
+    shipped = [r["prompt"] for s in SHIPPED_SETS for r in read_jsonl(s)]
     names = list(sets)
     for i, name in enumerate(names):
         check_disjoint(pool, sets[name])

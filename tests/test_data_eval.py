@@ -15,6 +15,20 @@ def test_shipped_sets_sizes_and_disjoint_splits():
     assert not set(h.all) & set(s.all)
 
 
+def test_contrast_set_is_apart_from_every_other_shipped_set():
+    """The anchor may hold the base model's answers on ``contrast`` (safe prompts that look unsafe): no prompt of it
+    is in an evaluation set (borderline, xstest_style) or in the calibration sets, even after normalisation."""
+    from safeguard_plugin.bench.datasets import check_disjoint
+
+    rows = read_jsonl("contrast")
+    c = load_prompts("contrast")
+    assert len(c.train) >= 64 and c.heldout and not set(c.train) & set(c.heldout)
+    assert len({r["id"] for r in rows}) == len(rows) and len(set(c.all)) == len(rows)
+    assert len({r["category"] for r in rows}) >= 8
+    others = [r["prompt"] for n in ("harmful", "harmless", "borderline", "xstest_style") for r in read_jsonl(n)]
+    check_disjoint(others, c.all)
+
+
 def test_load_prompts_from_files(tmp_path):
     j = tmp_path / "p.jsonl"
     j.write_text("\n".join(json.dumps({"goal": f"prompt {i}"}) for i in range(10)))

@@ -726,7 +726,7 @@ def _external_full(progress: bool, downloader: Downloader | None) -> tuple[dict[
     pool = harmful_training_pool(progress=progress, downloader=downloader)
     blocked = {
         "training pool": {prompt_hash(p) for p in pool},  # HarmBench val standard + AdvBench train
-        "shipped prompt sets": {prompt_hash(r["prompt"]) for s in ("harmful", "harmless", "borderline")
+        "shipped prompt sets": {prompt_hash(r["prompt"]) for s in ("harmful", "harmless", "borderline", "contrast")
                                 for r in read_jsonl(s)},  # calibration prompts and our own eval sets
     }
     seen: set[str] = set()  # a prompt appears in one external set only, once
@@ -761,8 +761,8 @@ def external_eval_sets(
     ``advbench_heldout`` (:func:`advbench_split`, 243) and ``xstest_safe`` (:func:`xstest_style_prompts`, 100).
 
     Each is checked disjoint (normalised prompt hashes) from the attack's training pool
-    (:func:`harmful_training_pool`) and from the shipped ``harmful``/``harmless``/``borderline`` prompts (the
-    calibration prompts and our own eval sets); overlapping prompts, and prompts already in an earlier external
+    (:func:`harmful_training_pool`) and from the shipped ``harmful``/``harmless``/``borderline``/``contrast`` prompts (the
+    calibration and anchor prompts and our own eval sets); overlapping prompts, and prompts already in an earlier external
     set, would be dropped with a warning (:func:`external_eval_info` counts them: none with the pinned files).
     ``n_per_set`` keeps a seeded random subsample of at most that many prompts per set, in file order; same
     ``(n_per_set, seed)`` → same lists, and the subsample of each set does not depend on the other sets.

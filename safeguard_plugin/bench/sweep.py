@@ -1,7 +1,7 @@
 """Strength sweeps for ``safeguard bench --sweep procon.weight=1,10,100,1000``.
 
 A spec is ``<constraint>.<dotted config key>=<v1>,<v2>,...``; values are parsed as int, float, bool (true/false),
-null or else string. Several specs on one constraint are crossed (every combination). Each point is the constraint's
+null, a list in brackets (``[harmful,harmless,contrast]``: its commas do not separate values) or else string. Several specs on one constraint are crossed (every combination). Each point is the constraint's
 first benchmark row (its ``bench.py``) with the swept keys set, validated by the configuration schema before any model
 loads, and becomes a method row labelled ``procon[weight=10]``.
 
@@ -37,10 +37,30 @@ class SweepPoint:
     config: dict[str, dict]  # {constraint: section}, as a bench method's config
 
 
+def split_values(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"1,[a,b],2"`` -> ``["1", "[a,b]", "2"]``."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            raise ConfigError(f"--sweep values {text!r}: ']' without its '['")
+        if ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise ConfigError(f"--sweep values {text!r}: '[' without its ']'")
+    out.append("".join(cur))
+    return out
+
+
 def parse_value(text: str) -> Any:
     """``"10"`` -> 10, ``"1e3"`` / ``"0.5"`` -> float, ``"true"``/``"false"`` -> bool, ``"null"``/``"none"`` -> None,
-    anything else -> the string (stripped)."""
+    ``"[a,b]"`` -> a list of such values, anything else -> the string (stripped)."""
     t = text.strip()
+    if t.startswith("[") and t.endswith("]"):
+        return [parse_value(v) for v in split_values(t[1:-1]) if v.strip()]
     low = t.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -108,13 +128,16 @@ def parse_sweep(specs: list[str] | tuple[str, ...] | None) -> list[SweepSpec]:
         if not eq or not dot or not constraint or not key or not values.strip():
             raise ConfigError(f"--sweep {spec!r}: expected <constraint>.<key>=<v1>,<v2>,... "
                               "(e.g. procon.weight=1,10,100,1000)")
-        parsed = tuple(parse_value(v) for v in values.split(",") if v.strip())
+        parsed = tuple(parse_value(v) for v in split_values(values) if v.strip())
         if not parsed:
             raise ConfigError(f"--sweep {spec!r}: no values")
         check_key(constraint, key)
         if any(s.constraint == constraint and s.key == key for s in out):
             raise ConfigError(f"--sweep {constraint}.{key} given twice")
-        out.append(SweepSpec(constraint, key, tuple(dict.fromkeys(parsed))))
+        unique: dict[str, Any] = {}  # repeated values dropped, in order (lists are not hashable: keyed by JSON)
+        for v in parsed:
+            unique.setdefault(json.dumps(v), v)
+        out.append(SweepSpec(constraint, key, tuple(unique.values())))
     return out
 
 
@@ -128,6 +151,8 @@ def _set(section: dict, key: str, value: Any) -> None:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
     return v if isinstance(v, str) else json.dumps(v)
 
 

@@ -59,7 +59,10 @@ def _prompt_of(row: Any, where: str) -> str:
                      f"or a non-empty string, got {type(row).__name__} {str(row)[:60]!r}")
 
 
-SHIPPED_SETS = ("harmful", "harmless", "borderline")
+# contrast: safe prompts that look unsafe (homonyms, figures of speech, safe targets and contexts, definitions,
+# history, public figures, safety questions), written apart from borderline and xstest_style (disjoint, checked in
+# tests) so that an anchor can hold the base model's answers on them without touching an evaluation set
+SHIPPED_SETS = ("harmful", "harmless", "borderline", "contrast")
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv")
 
 
