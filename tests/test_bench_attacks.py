@@ -350,6 +350,11 @@ def test_smoke_two_attacks_sweep_cards_and_resume(offline_benchdata, tmp_path, c
     out = capsys.readouterr().out
     assert out.count("done earlier, reusing") == len(names) - 1 and out.count("another configuration") == 1
     assert json.loads(stale.read_text())["config"]["procon"]["weight"] == 1
+    # ... and the earlier result is kept, with its card folder, not overwritten
+    kept = tmp_path / "runs" / "superseded" / "full_p0.1__procon@weight=1.1.json"
+    assert "moved to" in out and json.loads(kept.read_text())["config"] == {"procon": {"weight": 5.0}}
+    assert json.loads(kept.read_text())["card"] == "runs/superseded/full_p0.1__procon@weight=1.1"
+    assert (tmp_path / "runs" / "superseded" / "full_p0.1__procon@weight=1.1" / "README.md").is_file()
     # the same config whose defaults resolve differently now (a default changed since it ran) is trained again too;
     # a file from before runs kept their resolved settings is reused, and the log says a changed default goes unnoticed
     old = json.loads(stale.read_text())
@@ -361,6 +366,16 @@ def test_smoke_two_attacks_sweep_cards_and_resume(offline_benchdata, tmp_path, c
     bench.Bench("tiny", "smoke", tmp_path, progress=True, **kw).run()
     out = capsys.readouterr().out
     assert "full_p0.1__procon@weight=1: done earlier with the settings it resolves to changed since " \
-           "(procon.warmup_factor); running again" in out
+           "(procon.warmup_factor); that result is moved to" in out
+    assert (tmp_path / "runs" / "superseded" / "full_p0.1__procon@weight=1.2.json").is_file()
     assert out.count("recorded before runs kept their resolved settings") == 1
     assert json.loads(stale.read_text())["resolved"]["procon"]["warmup_factor"] == 10.0
+    # a row under another name whose settings resolve to a finished run's (weight 1.0 = weight 1) reuses that run
+    bench.Bench("tiny", "smoke", tmp_path, progress=True, methods=["base"], attacks="full",
+                sweep=["procon.weight=1.0"]).run()
+    out = capsys.readouterr().out
+    assert "full_p0.1__procon@weight=1.0: full_p0.1__procon@weight=1 trained the same settings" in out
+    assert ": training " not in out  # nothing trained
+    twin = json.loads((tmp_path / "runs" / "full_p0.1__procon@weight=1.0.json").read_text())
+    assert twin["same_run_as"] == "full_p0.1__procon@weight=1" and twin["sweep"]["params"] == {"weight": 1.0}
+    assert twin["metrics"] == json.loads(stale.read_text())["metrics"]

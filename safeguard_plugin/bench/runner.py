@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import glob
 import importlib
 import json
 import os
@@ -204,6 +205,24 @@ def _atomic_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def _supersede(path: Path, root: Path) -> Path:
+    """Move a run file that is about to be replaced, and its card folder, to ``runs/superseded/<stem>.<n>[.json]``
+    (never overwriting) and return where the file went: a rerun under changed settings keeps the earlier result."""
+    folder = path.parent / "superseded"
+    folder.mkdir(exist_ok=True)
+    n = 1
+    while (dest := folder / f"{path.stem}.{n}.json").exists() or dest.with_suffix("").exists():
+        n += 1
+    record = json.loads(path.read_text())
+    card = path.with_suffix("")
+    if card.is_dir():
+        os.replace(card, dest.with_suffix(""))
+        record["card"] = os.path.relpath(dest.with_suffix(""), root)
+    _atomic_json(dest, record)
+    path.unlink()
+    return dest
 
 
 @dataclass(frozen=True)
@@ -578,6 +597,26 @@ class Bench:
                            for t, a in list(zip(data["task"], answers))[:8]]
         return {"metrics": metrics, "sets": sets, "samples": samples}
 
+    def _same_run(self, run: PlannedRun, record: dict[str, Any]) -> dict[str, Any] | None:
+        """A finished run of the same attack and ratio under another name (e.g. the sweep row ``recommended@x=1``
+        when the preset's default became ``x: 1``) whose resolved settings, steps, lr and kind of fine-tuning are
+        this run's: training it again would repeat it."""
+        if not record.get("resolved") or run.attack is None:
+            return None
+        prefix = run.name.split("__")[0] + "__"
+        for other in sorted((self.out / "runs").glob(f"{glob.escape(prefix)}*.json")):
+            if other.stem == run.name:
+                continue
+            try:
+                rec = json.loads(other.read_text())
+            except (OSError, ValueError):
+                continue
+            if (rec.get("status") == "ok" and rec.get("resolved") == json.loads(json.dumps(record["resolved"]))
+                    and rec.get("steps") == run.steps and rec.get("lr") == run.lr
+                    and rec.get("full_finetune") == run.attack.full_finetune):
+                return rec
+        return None
+
     def run_one(self, run: PlannedRun, data, artifact: Path | None) -> dict[str, Any]:
         from .recipes import clean_copy, sft
 
@@ -605,7 +644,18 @@ class Bench:
                 return earlier
             why = (f"the settings it resolves to changed since ({', '.join(changed)})" if changed
                    else f"another configuration ({earlier.get('config')})")
-            self.say(f"  {run.name}: done earlier with {why}; running again")
+            kept = _supersede(path, self.out)
+            self.say(f"  {run.name}: done earlier with {why}; that result is moved to {kept}")
+        same = self._same_run(run, record)
+        if same is not None:
+            self.say(f"  {run.name}: {same['name']} trained the same settings (same resolved config, steps and lr); "
+                     f"reusing its result")
+            self.reused += 1
+            out = {**same, **record, "same_run_as": same["name"]}
+            if "sweep" not in record:
+                out.pop("sweep", None)
+            _atomic_json(path, out)
+            return out
         model, tok = self.load()
         p = self.profile
         where = f"{method} on {attack.name} @ p={run.ratio:g}" if attack else "base"
