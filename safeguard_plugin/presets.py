@@ -17,7 +17,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "recommended": {
         "procon": {"weight": 100.0, "warmup_ratio": 0.1, "warmup_factor": 10.0},
         "adaptive_kl": {"risk": "probe", "weight_bounds": [0.0, 1.0]},
-        "anchor": {"weight": 3.0},
+        "anchor": {"weight": 3.0, "pool_size": 288},
     },
 }
 
