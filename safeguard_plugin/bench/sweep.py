@@ -1,9 +1,10 @@
 """Strength sweeps for ``safeguard bench --sweep procon.weight=1,10,100,1000``.
 
 A spec is ``<constraint>.<dotted config key>=<v1>,<v2>,...``; values are parsed as int, float, bool (true/false),
-null, a list in brackets (``[harmful,harmless,contrast]``: its commas do not separate values) or else string. Several specs on one constraint are crossed (every combination). Each point is the constraint's
-first benchmark row (its ``bench.py``) with the swept keys set, validated by the configuration schema before any model
-loads, and becomes a method row labelled ``procon[weight=10]``.
+null, a list in brackets (``[harmful,harmless,contrast]``: its commas do not separate values) or else string. Several
+specs on one constraint are crossed (every combination). Each point is the constraint's first benchmark row (its
+``bench.py``) with the swept keys set, validated by the configuration schema before any model loads, and becomes a
+method row labelled ``procon[weight=10]``.
 
 A preset is swept the same way, its key naming the section first: ``recommended.anchor.weight=1,3,10`` gives rows
 ``recommended[anchor.weight=1]``, ... (the whole preset with that one key changed).
