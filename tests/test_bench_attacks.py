@@ -159,7 +159,8 @@ def test_a_preset_is_swept_one_key_at_a_time():
 def test_a_list_value_in_brackets_is_one_sweep_point():
     assert S.split_values("1,[a,b],2") == ["1", "[a,b]", "2"]
     assert S.parse_value(" [harmful, harmless,3] ") == ["harmful", "harmless", 3]
-    specs = S.parse_sweep(["recommended.anchor.prompts=[harmful,harmless],[harmful,harmless,contrast],[harmful,harmless]"])
+    specs = S.parse_sweep(
+        ["recommended.anchor.prompts=[harmful,harmless],[harmful,harmless,contrast],[harmful,harmless]"])
     assert specs[0].values == (["harmful", "harmless"], ["harmful", "harmless", "contrast"])  # repeat dropped
     points = S.sweep_points(specs)
     assert [p.label for p in points] == ["recommended[anchor.prompts=[harmful,harmless]]",

@@ -716,7 +716,7 @@ def _subsample(prompts: list[str], n: int | None, key: str) -> list[str]:
 
 def _external_full(progress: bool, downloader: Downloader | None) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """The full external sets with every overlap dropped, and what was dropped (counts per set and reason)."""
-    from ..data import read_jsonl
+    from ..data import SHIPPED_SETS, read_jsonl
 
     raw = {
         "harmbench_test": harmbench_test_prompts(progress=progress, downloader=downloader),
@@ -726,8 +726,8 @@ def _external_full(progress: bool, downloader: Downloader | None) -> tuple[dict[
     pool = harmful_training_pool(progress=progress, downloader=downloader)
     blocked = {
         "training pool": {prompt_hash(p) for p in pool},  # HarmBench val standard + AdvBench train
-        "shipped prompt sets": {prompt_hash(r["prompt"]) for s in ("harmful", "harmless", "borderline", "contrast")
-                                for r in read_jsonl(s)},  # calibration prompts and our own eval sets
+        "shipped prompt sets": {prompt_hash(r["prompt"]) for s in SHIPPED_SETS
+                                for r in read_jsonl(s)},  # calibration and anchor prompts, our own eval sets
     }
     seen: set[str] = set()  # a prompt appears in one external set only, once
     sets: dict[str, list[str]] = {}
@@ -761,9 +761,9 @@ def external_eval_sets(
     ``advbench_heldout`` (:func:`advbench_split`, 243) and ``xstest_safe`` (:func:`xstest_style_prompts`, 100).
 
     Each is checked disjoint (normalised prompt hashes) from the attack's training pool
-    (:func:`harmful_training_pool`) and from the shipped ``harmful``/``harmless``/``borderline``/``contrast`` prompts (the
-    calibration and anchor prompts and our own eval sets); overlapping prompts, and prompts already in an earlier external
-    set, would be dropped with a warning (:func:`external_eval_info` counts them: none with the pinned files).
+    (:func:`harmful_training_pool`) and from the shipped sets (``data.SHIPPED_SETS``: the calibration and anchor
+    prompts and our own eval sets); overlapping prompts, and prompts already in an earlier external set, would be
+    dropped with a warning (:func:`external_eval_info` counts them: none with the pinned files).
     ``n_per_set`` keeps a seeded random subsample of at most that many prompts per set, in file order; same
     ``(n_per_set, seed)`` → same lists, and the subsample of each set does not depend on the other sets.
     """

@@ -604,6 +604,7 @@ class Bench:
         if not record.get("resolved") or run.attack is None:
             return None
         prefix = run.name.split("__")[0] + "__"
+        resolved = json.loads(json.dumps(record["resolved"]))  # as a run file holds it
         for other in sorted((self.out / "runs").glob(f"{glob.escape(prefix)}*.json")):
             if other.stem == run.name:
                 continue
@@ -611,7 +612,7 @@ class Bench:
                 rec = json.loads(other.read_text())
             except (OSError, ValueError):
                 continue
-            if (rec.get("status") == "ok" and rec.get("resolved") == json.loads(json.dumps(record["resolved"]))
+            if (rec.get("status") == "ok" and rec.get("resolved") == resolved
                     and rec.get("steps") == run.steps and rec.get("lr") == run.lr
                     and rec.get("full_finetune") == run.attack.full_finetune):
                 return rec
