@@ -380,3 +380,11 @@ def test_smoke_two_attacks_sweep_cards_and_resume(offline_benchdata, tmp_path, c
     twin = json.loads((tmp_path / "runs" / "full_p0.1__procon@weight=1.0.json").read_text())
     assert twin["same_run_as"] == "full_p0.1__procon@weight=1" and twin["sweep"]["params"] == {"weight": 1.0}
     assert twin["metrics"] == json.loads(stale.read_text())["metrics"]
+    # ... and one recorded before runs kept their resolved settings, by its config (weight 100.0 = the legacy 100)
+    bench.Bench("tiny", "smoke", tmp_path, progress=True, methods=["base"], attacks="full",
+                sweep=["procon.weight=100.0"]).run()
+    out = capsys.readouterr().out
+    assert "full_p0.1__procon@weight=100.0: full_p0.1__procon@weight=100 trained the same settings" in out
+    assert "its config was compared" in out and ": training " not in out
+    assert json.loads((tmp_path / "runs" / "full_p0.1__procon@weight=100.0.json").read_text())["metrics"] == \
+        json.loads(legacy.read_text())["metrics"]

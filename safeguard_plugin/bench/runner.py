@@ -605,6 +605,7 @@ class Bench:
             return None
         prefix = run.name.split("__")[0] + "__"
         resolved = json.loads(json.dumps(record["resolved"]))  # as a run file holds it
+        config = json.loads(json.dumps(record["config"]))
         for other in sorted((self.out / "runs").glob(f"{glob.escape(prefix)}*.json")):
             if other.stem == run.name:
                 continue
@@ -612,7 +613,10 @@ class Bench:
                 rec = json.loads(other.read_text())
             except (OSError, ValueError):
                 continue
-            if (rec.get("status") == "ok" and rec.get("resolved") == resolved
+            # a file from before runs kept their resolved settings counts when its config is this run's, as the
+            # same-name reuse above treats it (and says so)
+            same = rec.get("resolved") == resolved if "resolved" in rec else rec.get("config") == config
+            if (rec.get("status") == "ok" and same
                     and rec.get("steps") == run.steps and rec.get("lr") == run.lr
                     and rec.get("full_finetune") == run.attack.full_finetune):
                 return rec
@@ -650,7 +654,9 @@ class Bench:
         same = self._same_run(run, record)
         if same is not None:
             self.say(f"  {run.name}: {same['name']} trained the same settings (same resolved config, steps and lr); "
-                     f"reusing its result")
+                     f"reusing its result" + ("" if "resolved" in same else
+                                              " (it was recorded before runs kept their resolved settings, so its "
+                                              "config was compared; a default changed since then is not noticed)"))
             self.reused += 1
             out = {**same, **record, "same_run_as": same["name"]}
             if "sweep" not in record:
