@@ -71,6 +71,19 @@ def test_smoke_bench_report_plots_and_resume(offline_benchdata, tmp_path, capsys
     b2.run()
     assert "done earlier" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*")} == before
+    # both rows come from the same earlier invocation, so their step-time ratio still stands
+    assert [r.get("time_ratio") for r in b2.run()["runs"]][1:] == [1.0, pytest.approx(procon["time_ratio"])]
+
+
+def test_step_time_ratio_only_between_runs_of_one_invocation():
+    """A row reused from another invocation of the bench ran on a machine whose speed since is unknown: no ratio."""
+    def row(method, t, inv):
+        return {"method": method, "attack": "template", "ratio": 0.1, "step_median_s": t, "train_memory_bytes": 1,
+                **({"invocation": inv} if inv else {})}
+
+    runs = [row("sft", 10.0, "a"), row("procon", 12.0, "a"), row("anchor", 30.0, "b"), row("cwac", 11.0, None)]
+    bench._add_ratios(runs)
+    assert [r.get("time_ratio") for r in runs] == [1.0, pytest.approx(1.2), None, None]
 
 
 def test_unknown_method_is_an_error(tmp_path):

@@ -695,6 +695,7 @@ class Bench:
         record.update({
             "train_seconds": res.seconds,
             "step_median_s": statistics.median(res.step_times[skip:]),
+            "invocation": self.invocation,
             "train_memory_bytes": mem.delta,
             "train_loss_final": statistics.mean(losses[-3:]) if losses else None,
             "log_history": res.log_history,
@@ -743,6 +744,8 @@ class Bench:
 
         t0 = time.perf_counter()
         self.reused = 0
+        # which invocation trained a run: step times are only compared between runs of the same one
+        self.invocation = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         plan = self.plan()
         datas: dict[tuple[str, float], dict] = {}
@@ -795,10 +798,14 @@ class Bench:
 
 
 def _add_ratios(runs: list[dict]) -> None:
+    """Step-time (and, on GPU, memory) ratio of each trained run to plain SFT on the same attack and ratio, when both
+    were trained by the same invocation: runs from different invocations (resumed, reused) ran on a machine whose
+    speed between them is unknown, so their ratio is left out ('–' in the report)."""
     plain = {(r.get("attack"), r["ratio"]): r for r in runs if r["method"] == "sft" and "step_median_s" in r}
     for r in runs:
         base = plain.get((r.get("attack"), r["ratio"]))
-        if base and "step_median_s" in r:
+        if base and "step_median_s" in r and r.get("invocation") is not None \
+                and r.get("invocation") == base.get("invocation"):
             r["time_ratio"] = r["step_median_s"] / base["step_median_s"]
             # In-process RSS deltas are not comparable between runs (the allocator keeps freed memory), so on
             # CPU the memory ratio comes from benchmarks/overhead.py (one process per variant) instead.
