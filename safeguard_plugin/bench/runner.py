@@ -39,6 +39,7 @@ import statistics
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -411,6 +412,8 @@ class Bench:
         self.out = Path(out or f"results/{self.profile.name}-{model.replace('/', '_')}")
         self.progress = progress
         self.reused = 0  # runs taken from an earlier invocation (not timed by this one)
+        # which invocation trained a run (set anew by run()): step times are only compared within one
+        self.invocation = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._model = self._tok = None
 
     def say(self, msg: str) -> None:
@@ -653,10 +656,10 @@ class Bench:
             self.say(f"  {run.name}: done earlier with {why}; that result is moved to {kept}")
         same = self._same_run(run, record)
         if same is not None:
-            self.say(f"  {run.name}: {same['name']} trained the same settings (same resolved config, steps and lr); "
-                     f"reusing its result" + ("" if "resolved" in same else
-                                              " (it was recorded before runs kept their resolved settings, so its "
-                                              "config was compared; a default changed since then is not noticed)"))
+            how = ("same resolved config, steps and lr" if "resolved" in same else
+                   "same config, steps and lr; it was recorded before runs kept their resolved settings, so its "
+                   "config was compared and a default changed since then is not noticed")
+            self.say(f"  {run.name}: {same['name']} trained the same settings ({how}); reusing its result")
             self.reused += 1
             out = {**same, **record, "same_run_as": same["name"]}
             if "sweep" not in record:
@@ -744,8 +747,7 @@ class Bench:
 
         t0 = time.perf_counter()
         self.reused = 0
-        # which invocation trained a run: step times are only compared between runs of the same one
-        self.invocation = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        self.invocation = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         plan = self.plan()
         datas: dict[tuple[str, float], dict] = {}
