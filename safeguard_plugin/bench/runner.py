@@ -413,7 +413,7 @@ class Bench:
         self.progress = progress
         self.reused = 0  # runs taken from an earlier invocation (not timed by this one)
         # which invocation trained a run (set anew by run()): step times are only compared within one
-        self.invocation = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.invocation = _invocation_id()
         self._model = self._tok = None
 
     def say(self, msg: str) -> None:
@@ -747,7 +747,7 @@ class Bench:
 
         t0 = time.perf_counter()
         self.reused = 0
-        self.invocation = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.invocation = _invocation_id()
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
         plan = self.plan()
         datas: dict[tuple[str, float], dict] = {}
@@ -797,6 +797,11 @@ class Bench:
         md = write_report(results, runs, self.out)
         self.say(md)
         return results
+
+
+def _invocation_id() -> str:
+    """A unique, readable id for one invocation of the bench (its start time + a random suffix)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def _add_ratios(runs: list[dict]) -> None:
