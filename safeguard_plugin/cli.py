@@ -270,10 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "of --model; a path that does not exist is an error, never the base model evaluated instead")
     e.add_argument("--prompts", nargs="+", default=["harmful", "harmless"],
                    help="shipped set names (harmful, harmless, borderline, contrast), JSONL/JSON/CSV paths or HF "
-                        "dataset ids. Each set is reported under a unique name: a shipped set or HF id under its own name, a file "
-                        "under its file name without the extension (data/mine.jsonl -> mine), or under the path as "
-                        "given when that name is taken by another set (harmful harmful.jsonl -> harmful and "
-                        "harmful.jsonl); the same set given twice is an error")
+                        "dataset ids. Each set is reported under a unique name: a shipped set or HF id under its "
+                        "own name, a file under its file name without the extension (data/mine.jsonl -> mine), or "
+                        "under the path as given when that name is taken by another set (harmful harmful.jsonl -> "
+                        "harmful and harmful.jsonl); the same set given twice is an error")
     e.add_argument("--split", choices=["heldout", "train", "all"], default=None,
                    help="which split to evaluate (default: heldout for the shipped sets, whose train split is used "
                         "for calibration; files and HF datasets are evaluated whole unless --split is given)")
